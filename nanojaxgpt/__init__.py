@@ -1,0 +1,1 @@
+"""nanojaxgpt: GPT-2 pretraining in JAX + Equinox."""

@@ -1,0 +1,326 @@
+"""Typed, frozen run configuration: a TOML file plus `--key=value` overrides.
+
+A config has sections (model, mesh, data, optim, train, checkpoint). On the command line a key is
+given as `--section.key=value`, or bare (`--n_layer=4`) when the key name is unique across sections,
+so nanoGPT's own commands work unchanged. Unknown keys and values of the wrong type are errors that
+name the key and the closest valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    block_size: int = 1024  # context length
+    vocab_size: int = 50257  # GPT-2 BPE; padded up to a multiple of `vocab_multiple` in the weights
+    vocab_multiple: int = 64  # 50257 -> 50304; padding logits are never sampled nor counted in the loss
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    position: Literal["learned", "rope"] = "learned"
+    attention: Literal["xla", "cudnn", "splash"] = "xla"  # kernel behind jax.nn.dot_product_attention
+    remat: Literal["none", "full", "dots"] = "none"  # activation checkpointing of each block
+    scan_layers: bool = True  # lax.scan over stacked blocks: compile time flat in depth
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"  # parameters are always float32
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.vocab_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    # Device counts per mesh axis; their product is the global device count. -1 = the rest.
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    data_dir: str = "data/shakespeare_char"  # local path or gs://; written by tools/prepare_*.py
+    worker_count: int = 0  # grain worker processes per host (0 = read in the training process)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    learning_rate: float = 6e-4
+    min_lr: float = 6e-5
+    warmup_iters: int = 2000
+    lr_decay_iters: int = 600000
+    decay_lr: bool = True
+    weight_decay: float = 1e-1  # on 2-D+ weights only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # global norm; 0 disables
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    out_dir: str = "out"  # local path or gs://: checkpoints, TensorBoard logs, resolved config
+    init_from: str = "scratch"  # "scratch", or a GPT-2 name / Hugging Face directory to fine-tune
+    seed: int = 1337
+    batch_size: int = 12  # global sequences per micro-step
+    gradient_accumulation_steps: int = 1
+    max_iters: int = 600000
+    eval_interval: int = 2000
+    eval_iters: int = 200
+    log_interval: int = 10
+    eval_only: bool = False
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    checkpoint_interval: int = 1000  # steps between async saves; one is always written at the end
+    keep_checkpoints: int = 3
+    save_timeout_s: float = 600.0  # a save still running after this long is an error
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    initialization_timeout_s: int = 300  # hosts must find the coordinator within this
+    heartbeat_timeout_s: int = 100  # a dead host makes the others exit within about this
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
+
+
+def _keys(section: str) -> list[str]:
+    return [f.name for f in dataclasses.fields(SECTIONS[section])]
+
+
+def _all_qualified() -> list[str]:
+    return [f"{s}.{k}" for s in SECTIONS for k in _keys(s)]
+
+
+def _suggest(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
+    return f"did you mean {', '.join(close)}?" if close else f"valid keys: {', '.join(choices)}"
+
+
+def _resolve_key(key: str) -> tuple[str, str]:
+    """`section.key` or a bare key that is unique across sections -> (section, key)."""
+    if "." in key:
+        section, name = key.split(".", 1)
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown config section {section!r} in {key!r}; "
+                              f"sections: {', '.join(SECTIONS)}")
+        if name not in _keys(section):
+            raise ConfigError(f"unknown config key {key!r}; "
+                              + _suggest(name, [f"{section}.{k}" for k in _keys(section)] + _keys(section)))
+        return section, name
+    owners = [s for s in SECTIONS if key in _keys(s)]
+    if len(owners) == 1:
+        return owners[0], key
+    if len(owners) > 1:
+        raise ConfigError(f"config key {key!r} is ambiguous; write one of "
+                          + ", ".join(f"{s}.{key}" for s in owners))
+    bare = [k for s in SECTIONS for k in _keys(s)]
+    raise ConfigError(f"unknown config key {key!r}; " + _suggest(key, bare + _all_qualified()))
+
+
+def _coerce(qualified: str, value: Any, annotation: Any) -> Any:
+    """Check (and, for strings from the command line, parse) a value against a field's type."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise ConfigError(f"{qualified}={value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{qualified}={value!r} must be a boolean (true or false)")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{qualified}={value!r} must be an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                try:
+                    f = float(value)
+                except ValueError:
+                    f = None
+                if f is not None and f.is_integer():
+                    return int(f)
+        raise ConfigError(f"{qualified}={value!r} must be an integer")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{qualified}={value!r} must be a number")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{qualified}={value!r} must be a string")
+    raise TypeError(f"unsupported config field type {annotation!r} for {qualified}")  # a bug, not user input
+
+
+def _field_types(section: str) -> dict[str, Any]:
+    return typing.get_type_hints(SECTIONS[section])
+
+
+def _validate(cfg: Config) -> None:
+    m, t, o = cfg.model, cfg.train, cfg.optim
+    positive = {"model.block_size": m.block_size, "model.vocab_size": m.vocab_size,
+                "model.n_layer": m.n_layer, "model.n_head": m.n_head, "model.n_embd": m.n_embd,
+                "train.batch_size": t.batch_size,
+                "train.gradient_accumulation_steps": t.gradient_accumulation_steps,
+                "train.eval_interval": t.eval_interval, "train.eval_iters": t.eval_iters,
+                "train.log_interval": t.log_interval, "model.vocab_multiple": m.vocab_multiple,
+                "checkpoint.checkpoint_interval": cfg.checkpoint.checkpoint_interval,
+                "checkpoint.keep_checkpoints": cfg.checkpoint.keep_checkpoints}
+    for k, v in positive.items():
+        if v <= 0:
+            raise ConfigError(f"{k}={v} must be positive")
+    if m.n_embd % m.n_head:
+        raise ConfigError(f"model.n_embd={m.n_embd} must be divisible by model.n_head={m.n_head}")
+    if m.position == "rope" and m.head_dim % 2:
+        raise ConfigError(f"position='rope' needs an even head size; n_embd/n_head={m.head_dim}")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
+    if t.max_iters < 0:
+        raise ConfigError(f"train.max_iters={t.max_iters} must be >= 0")
+    if o.min_lr > o.learning_rate:
+        raise ConfigError(f"optim.min_lr={o.min_lr} is above optim.learning_rate={o.learning_rate}")
+    for axis in ("data", "fsdp", "tensor"):
+        v = getattr(cfg.mesh, axis)
+        if v == 0 or v < -1:
+            raise ConfigError(f"mesh.{axis}={v} must be a positive device count or -1 (the rest)")
+    if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
+        raise ConfigError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+
+
+def from_dict(values: dict[str, Any], source: str = "config") -> Config:
+    """Build a Config from nested {section: {key: value}} (or flat section.key) values."""
+    sections: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    for k, v in values.items():
+        if isinstance(v, dict):
+            if k not in SECTIONS:
+                raise ConfigError(f"{source}: unknown section [{k}]; sections: {', '.join(SECTIONS)}")
+            for kk, vv in v.items():
+                _set(sections, f"{k}.{kk}", vv, source)
+        else:
+            _set(sections, k, v, source)
+    try:
+        cfg = Config(**{s: SECTIONS[s](**kv) for s, kv in sections.items()})
+    except TypeError as e:  # pragma: no cover - _set checks keys first
+        raise ConfigError(f"{source}: {e}") from None
+    _validate(cfg)
+    return cfg
+
+
+def _set(sections: dict[str, dict[str, Any]], key: str, value: Any, source: str) -> None:
+    try:
+        section, name = _resolve_key(key)
+        sections[section][name] = _coerce(f"{section}.{name}", value, _field_types(section)[name])
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def parse_overrides(argv: list[str]) -> dict[str, str]:
+    """`--key=value` arguments -> {key: value} (values stay strings; typed later)."""
+    out: dict[str, str] = {}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"cannot parse argument {arg!r}; overrides look like --n_layer=4 "
+                              "or --model.n_layer=4")
+        k, v = arg[2:].split("=", 1)
+        out[k] = v
+    return out
+
+
+def load(path: str | Path | None, overrides: list[str] | dict[str, Any] = ()) -> Config:
+    """Read a TOML config file (or start from defaults when path is None) and apply overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist; the ones shipped are in configs/")
+        try:
+            values = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    cfg = from_dict(values, source=str(path) if path else "defaults")
+    if isinstance(overrides, (list, tuple)):
+        overrides = parse_overrides(list(overrides))
+    if overrides:
+        cfg = replace(cfg, overrides, source="command line")
+    return cfg
+
+
+def replace(cfg: Config, overrides: dict[str, Any], source: str = "overrides") -> Config:
+    """A copy of cfg with `{key: value}` overrides applied (keys as on the command line)."""
+    values = cfg.to_dict()
+    for k, v in overrides.items():
+        try:
+            section, name = _resolve_key(k)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+        values[section][name] = v
+    return from_dict(values, source=source)
+
+
+def from_json(text: str) -> Config:
+    """The resolved config as saved in a run directory or checkpoint."""
+    return from_dict(json.loads(text), source="saved config")
+
+
+def to_toml_like(cfg: Config) -> str:
+    """A readable, sectioned dump of the resolved config, for the console."""
+    lines = []
+    for s, kv in cfg.to_dict().items():
+        lines.append(f"[{s}]")
+        lines += [f"  {k} = {v!r}" for k, v in kv.items()]
+    return "\n".join(lines)
+

@@ -1,0 +1,43 @@
+"""Test setup: 8 fake CPU devices, the offline GPT-2 tokenizer, a GCS-protocol server on loopback."""
+
+import itertools
+import os
+from pathlib import Path
+
+# Before anything touches a JAX backend: the multi-device tests run on 8 fake CPU devices.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# tiktoken's "gpt2" files, offline, when the shared folder is beside the checkout.
+_SHARED = Path(__file__).resolve().parents[2] / "shared"
+if (_SHARED / "tiktoken_cache").is_dir():
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(_SHARED / "tiktoken_cache"))
+
+import pytest  # noqa: E402
+
+from tests.gcs_server import GCSServer  # noqa: E402
+
+SHAKESPEARE = _SHARED / "data" / "tinyshakespeare.txt"
+_bucket_ids = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    server = GCSServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def gcs(gcs_server, monkeypatch):
+    """A fresh bucket on the loopback GCS server, with every library pointed at it: `gs://name`."""
+    for k, v in gcs_server.env().items():
+        monkeypatch.setenv(k, v)
+    return gcs_server.create_bucket(f"bucket-{os.getpid()}-{next(_bucket_ids)}")
+
+
+@pytest.fixture
+def shakespeare_text() -> str:
+    if not SHAKESPEARE.is_file():
+        pytest.skip(f"{SHAKESPEARE} not present (tests use ../shared/data)")
+    return SHAKESPEARE.read_text()
