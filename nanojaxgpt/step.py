@@ -1,0 +1,112 @@
+"""Pure train and eval steps: float32 cross-entropy, gradient accumulation as a scan, AdamW.
+
+The train state is a plain dict of arrays, so Orbax saves it as is:
+    {"model": GPT arrays, "opt_state": optax state, "step": int32 [], "key": uint32 [2]}
+The static half of the model (its config and structure) is closed over, never traced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding
+from jaxtyping import Array, Float, Int, PyTree
+
+from nanojaxgpt import optim
+from nanojaxgpt.config import OptimConfig
+
+State = dict[str, Any]
+
+
+def cross_entropy(logits: Float[Array, "*B T V"], targets: Int[Array, "*B T"]) -> Float[Array, ""]:
+    """Mean next-token loss in float32 (padding logits are masked by the model itself)."""
+    logits = logits.astype(jnp.float32)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+
+def loss_fn(params: PyTree, static: PyTree, tokens: Int[Array, "B T1"],
+            key: jax.Array | None) -> Float[Array, ""]:
+    """Loss of a batch of windows of block_size+1 tokens: predict tokens[:, 1:] from tokens[:, :-1]."""
+    model = eqx.combine(params, static)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    if key is None:  # evaluation: no dropout
+        logits = jax.vmap(lambda xi: model(xi, inference=True))(x)
+    else:
+        keys = jax.random.split(key, x.shape[0])
+        logits = jax.vmap(lambda xi, ki: model(xi, key=ki))(x, keys)
+    return cross_entropy(logits, y)
+
+
+def init_state(params: PyTree, tx: optax.GradientTransformation, seed: int) -> State:
+    return {"model": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+            "key": jax.random.key_data(jax.random.key(seed))}
+
+
+def train_step(state: State, tokens: Int[Array, "A B T1"], *, static: PyTree,
+               tx: optax.GradientTransformation, optim_cfg: OptimConfig,
+               param_shardings: PyTree | None = None) -> tuple[State, dict[str, Array]]:
+    """One optimizer step over A accumulated micro-batches of B sequences each."""
+    params, step = state["model"], state["step"]
+    # Dropout randomness is a pure function of (seed, step): a resumed run draws the same masks.
+    key = jax.random.fold_in(jax.random.wrap_key_data(state["key"]), step)
+    micro_keys = jax.random.split(key, tokens.shape[0])
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def constrain(tree):
+        if param_shardings is None:
+            return tree
+        return jax.lax.with_sharding_constraint(tree, param_shardings)
+
+    def accumulate(carry, xs):
+        grad_sum, loss_sum = carry
+        micro_tokens, micro_key = xs
+        loss, grads = grad_fn(params, static, micro_tokens, micro_key)
+        return (constrain(jax.tree.map(jnp.add, grad_sum, grads)), loss_sum + loss), None
+
+    zeros = constrain(jax.tree.map(jnp.zeros_like, params))
+    (grad_sum, loss_sum), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)),
+                                           (tokens, micro_keys))
+    n = tokens.shape[0]
+    grads = jax.tree.map(lambda g: g / n, grad_sum)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_state = {"model": optax.apply_updates(params, updates), "opt_state": opt_state,
+                 "step": step + 1, "key": state["key"]}
+    metrics = {"loss": loss_sum / n, "grad_norm": optax.tree.norm(grads),
+               "lr": optim.learning_rate(optim_cfg, step)}
+    return new_state, metrics
+
+
+def eval_loss(params: PyTree, tokens: Int[Array, "N B T1"], *, static: PyTree) -> Float[Array, ""]:
+    """Mean loss over N batches, one scan (one dispatch for the whole evaluation)."""
+    def body(total, batch):
+        return total + loss_fn(params, static, batch, None), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), tokens)
+    return total / tokens.shape[0]
+
+
+@dataclass(frozen=True)
+class Steps:
+    """The jitted steps of one run, with their input and output shardings fixed."""
+    train: Callable[[State, jax.Array], tuple[State, dict[str, jax.Array]]]
+    evaluate: Callable[[PyTree, jax.Array], jax.Array]
+
+
+def jit_steps(static: PyTree, tx: optax.GradientTransformation, optim_cfg: OptimConfig,
+              state_shardings: PyTree, batch_sharding: NamedSharding,
+              eval_sharding: NamedSharding, replicated: NamedSharding) -> Steps:
+    train = jax.jit(
+        lambda s, t: train_step(s, t, static=static, tx=tx, optim_cfg=optim_cfg,
+                                param_shardings=state_shardings["model"]),
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=0)  # the old state's buffers become the new state's: no second copy
+    evaluate = jax.jit(lambda p, t: eval_loss(p, t, static=static),
+                       in_shardings=(state_shardings["model"], eval_sharding),
+                       out_shardings=replicated)
+    return Steps(train=train, evaluate=evaluate)
