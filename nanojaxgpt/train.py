@@ -1,0 +1,158 @@
+"""Train a GPT: `python -m nanojaxgpt.train CONFIG.toml [--key=value ...]`.
+
+config -> distributed init -> mesh -> data -> sharded state -> restore -> loop (step, log, eval,
+checkpoint). Every host runs this same program; process 0 alone writes logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+import equinox as eqx
+import jax
+import numpy as np
+from etils import epath
+
+from nanojaxgpt import checkpoint, config, data, distributed, metrics, sharding
+from nanojaxgpt import model as gpt
+from nanojaxgpt.preemption import Preemption
+from nanojaxgpt.state import setup
+from nanojaxgpt.step import jit_steps
+
+log = logging.getLogger("nanojaxgpt.train")
+
+
+def _vocab_from_data(cfg: config.Config, meta: data.Meta) -> config.Config:
+    """A model trained from scratch takes its vocabulary size from the prepared data."""
+    if cfg.train.init_from == "scratch" and cfg.model.vocab_size != meta.vocab_size:
+        log.info("vocab_size %d from %s/meta.json (config said %d)", meta.vocab_size,
+                 cfg.data.data_dir, cfg.model.vocab_size)
+        return config.replace(cfg, {"model.vocab_size": meta.vocab_size})
+    return cfg
+
+
+def _eval_tokens(cfg: config.Config, split: str, mesh) -> jax.Array:
+    """The fixed evaluation set of a split: eval_iters batches of batch_size windows."""
+    batches = data.Batches(cfg.data.data_dir, split, block_size=cfg.model.block_size,
+                           rows=cfg.train.batch_size, seed=cfg.train.seed + 1)
+    shape = (cfg.train.eval_iters, cfg.train.batch_size, cfg.model.block_size + 1)
+    n = cfg.train.batch_size
+    return sharding.host_local_array(
+        shape, sharding.batch_sharding(mesh, 3, 1),
+        lambda rows: np.concatenate([batches.read(int(s), rows[rows // n == s] % n)
+                                     for s in np.unique(rows // n)]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    path = argv[0] if argv and not argv[0].startswith("--") else None
+    cfg = config.load(path, argv[1:] if path else argv)
+
+    topo = distributed.initialize(cfg.distributed)
+    distributed.setup_logging()
+    mesh = sharding.make_mesh(cfg.mesh)
+    meta = data.read_meta(cfg.data.data_dir)
+    cfg = _vocab_from_data(cfg, meta)
+    t, m = cfg.train, cfg.model
+    log.info("config:\n%s", config.to_toml_like(cfg))
+    rows = t.batch_size * t.gradient_accumulation_steps
+    log.info("%d processes, %d devices, mesh %s; %d tokens per step (%d x %d x %d)",
+             topo.process_count, topo.global_device_count, dict(mesh.shape),
+             rows * m.block_size, t.gradient_accumulation_steps, t.batch_size, m.block_size)
+
+    run = setup(cfg, mesh)
+    ckpt = checkpoint.Checkpointer(t.out_dir, cfg.checkpoint)
+    start = 0
+    if ckpt.latest_step() is not None:
+        restored = ckpt.restore(run.abstract)
+        state, start = restored.state, int(restored.meta["data_step"])
+        log.info("resumed from step %d (%s)", start, t.out_dir)
+    elif t.init_from != "scratch":
+        from nanojaxgpt import hf  # only fine-tuning needs it
+
+        state = run.from_params(eqx.filter(hf.load(t.init_from), eqx.is_array), cfg)
+        log.info("initialised from %s", t.init_from)
+    else:
+        state = run.init(cfg)
+    if topo.process_index == 0:
+        out = epath.Path(t.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(cfg.to_json())  # the resolved config, beside the checkpoints
+
+    steps = jit_steps(run.static, run.tx, cfg.optim, run.shardings,
+                      sharding.batch_sharding(mesh, 3, 1), sharding.batch_sharding(mesh, 3, 1),
+                      sharding.replicated(mesh))
+    batches = data.Batches(cfg.data.data_dir, "train", block_size=m.block_size, rows=rows,
+                           seed=t.seed)
+    batch_shape = (t.gradient_accumulation_steps, t.batch_size, m.block_size + 1)
+
+    def global_batch(step: int) -> jax.Array:
+        return sharding.host_local_array(batch_shape, sharding.batch_sharding(mesh, 3, 1),
+                                         lambda r: batches.read(step, r))
+
+    eval_sets = {split: _eval_tokens(cfg, split, mesh) for split in ("train", "val")}
+    tb = metrics.Metrics(t.out_dir, enabled=topo.process_index == 0,
+                         resume_step=start)
+    peak = metrics.peak_flops_per_device(jax.devices()[0])
+    flops_per_token = gpt.flops_per_token(m)
+    preemption = Preemption()
+
+    def evaluate(step: int) -> None:
+        losses = {s: float(steps.evaluate(state["model"], toks)) for s, toks in eval_sets.items()}
+        log.info("step %d: train loss %.4f, val loss %.4f", step, losses["train"], losses["val"])
+        tb.scalars(step, {"val/loss": losses["val"], "eval/train_loss": losses["train"]})
+
+    tokens = global_batch(start) if start < t.max_iters else None
+    last_log_step, last_log_time, first_done = start, time.time(), None
+    for step in range(start, t.max_iters):
+        if step % t.eval_interval == 0:
+            evaluate(step)
+        state, out = steps.train(state, tokens)
+        if step + 1 < t.max_iters:
+            tokens = global_batch(step + 1)  # read while the step runs (async dispatch)
+        if step % t.log_interval == 0 or step + 1 == t.max_iters:
+            vals = {k: float(v) for k, v in jax.device_get(out).items()}  # waits for the step
+            now = time.time()
+            dt = (now - last_log_time) / (step + 1 - last_log_step)  # the first includes compiling
+            last_log_step, last_log_time = step + 1, now
+            first_done = first_done or now  # pace (for the ETA) counts from after the first step
+            tps = rows * m.block_size / dt
+            values = {"train/loss": vals["loss"], "train/lr": vals["lr"],
+                      "train/grad_norm": vals["grad_norm"], "perf/tokens_per_sec": tps,
+                      "perf/step_time_ms": dt * 1e3,
+                      "perf/mfu": metrics.mfu(flops_per_token, tps, topo.global_device_count, peak)}
+            tb.scalars(step, values)
+            log.info(metrics.console_line(step, t.max_iters, values, now - first_done,
+                                          step - start))
+        if ckpt.should_save(step + 1) or step + 1 == t.max_iters:
+            ckpt.save(step + 1, state, meta={"data_step": step + 1}, config_json=cfg.to_json(),
+                      force=step + 1 == t.max_iters)
+            tb.flush()  # logs are durable up to every checkpoint: a resume leaves no gap
+        if preemption.should_stop(step + 1) and step + 1 < t.max_iters:
+            ckpt.save(step + 1, state, meta={"data_step": step + 1}, config_json=cfg.to_json(),
+                      force=True)
+            ckpt.wait()
+            log.info("preempted: saved a complete checkpoint of step %d in %s; run the same "
+                     "command to resume", step + 1, t.out_dir)
+            break
+    else:
+        if t.max_iters % t.eval_interval == 0:
+            evaluate(t.max_iters)
+    ckpt.wait()
+    ckpt.close()
+    tb.close()
+    return 0
+
+
+def cli(argv: list[str] | None = None) -> None:
+    try:
+        sys.exit(main(argv))
+    except (config.ConfigError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()
