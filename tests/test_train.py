@@ -99,7 +99,7 @@ def _cli_error(capsys, *argv: str) -> str:
 
 def test_missing_data_is_a_clear_error(tmp_path, capsys):
     err = _cli_error(capsys, f"--data_dir={tmp_path / 'nowhere'}", f"--out_dir={tmp_path / 'out'}")
-    assert "nowhere" in err and "prepare_shakespeare_char.py" in err
+    assert "no prepared data in" in err and "nowhere" in err and "tools/prepare_" in err
 
 
 def test_unknown_flag_is_a_clear_error(tmp_path, capsys):
