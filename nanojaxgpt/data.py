@@ -1,0 +1,268 @@
+"""Training batches from prepared token data (ArrayRecord shards + meta.json), local or gs://.
+
+Format (written by nanojaxgpt/prepare.py): each split's documents are tokenized and concatenated
+into one token stream (GPT-2 data: every document followed by <|endoftext|>). The stream is cut
+into records of `record_size` tokens (little-endian uint16 when vocab_size <= 65536, else uint32);
+only the last record of a split is shorter, never padded. Records are stored in order in
+DIR/{split}-{i:05d}-of-{n:05d}.array_record; meta.json lists the shards and their sizes.
+
+Sampling as nanoGPT: a sample is block_size+1 consecutive tokens starting at a random offset in
+[0, n_tokens - block_size - 1], so block_size can change without preparing again. The offsets are
+a counter-based hash, not an RNG state:
+
+    row r of step s  ->  window index i = s * rows + r  ->  offset = hash(seed, split, i) % n_windows
+
+so the batch of step s is a pure function of (seed, split, s): a resumed run, or a run on another
+number of hosts, reads exactly the same global batch, and each host reads only its own rows.
+grain provides the random-access source (ArrayRecordDataSource) and the threaded prefetch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grain
+import numpy as np
+from jaxtyping import Int
+
+from nanojaxgpt import storage
+from nanojaxgpt import tokenizer as tokenizers
+
+META = "meta.json"
+FORMAT = "nanojaxgpt-tokens-v1"
+
+
+class DataError(ValueError):
+    """Prepared data that is missing or damaged; the message names the file and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    name: str  # file name inside the data directory
+    records: int
+    tokens: int
+    bytes: int  # file size, checked before reading
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitMeta:
+    tokens: int  # length of the split's token stream
+    documents: int
+    shards: tuple[Shard, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Meta:
+    vocab_size: int
+    tokenizer: str  # "char" or "gpt2"
+    eot: int | None  # appended after every document (gpt2); None: one document, no separator (char)
+    dtype: str  # "uint16" or "uint32", little-endian
+    record_size: int  # tokens per record (the last record of a split may be shorter)
+    splits: Mapping[str, SplitMeta]
+    itos: tuple[str, ...] | None = None  # the char vocabulary, id -> character
+
+    @property
+    def tokens(self) -> dict[str, int]:
+        return {name: s.tokens for name, s in self.splits.items()}
+
+    def to_json(self) -> str:
+        d = dataclasses.asdict(self)
+        return json.dumps({"format": FORMAT, **d, "splits": dict(d["splits"])}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Meta:
+        d = json.loads(text)
+        if d.pop("format", None) != FORMAT:
+            raise KeyError("format")
+        splits = {name: SplitMeta(s["tokens"], s["documents"], tuple(Shard(**h) for h in s["shards"]))
+                  for name, s in d.pop("splits").items()}
+        itos = d.pop("itos", None)
+        return cls(**d, splits=splits, itos=tuple(itos) if itos is not None else None)
+
+
+def prepare_command(data_dir: str) -> str:
+    """The command that creates `data_dir`, guessed from its name."""
+    name = str(data_dir).rstrip("/").rsplit("/", 1)[-1]
+    if "shakespeare" in name:
+        return f"python tools/prepare_shakespeare_char.py --out {data_dir}"
+    if "openwebtext" in name:
+        return f"python tools/prepare_openwebtext.py --out {data_dir}"
+    return f"python tools/prepare_text.py --input YOUR_FILES.txt --out {data_dir}"
+
+
+def read_meta(data_dir: str | Path) -> Meta:
+    path = storage.join(str(data_dir), META)
+    try:
+        text = storage.read_text(path)
+    except FileNotFoundError:
+        raise DataError(f"no prepared data in {data_dir}: {path} does not exist. "
+                        f"Create it with: {prepare_command(str(data_dir))}") from None
+    try:
+        return Meta.from_json(text)
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path} is damaged or not a nanojaxgpt meta file ({type(e).__name__}: {e}); "
+                        f"prepare the data again: {prepare_command(str(data_dir))}") from None
+
+
+def tokenizer(data_dir: str | Path) -> tokenizers.Tokenizer:
+    meta = read_meta(data_dir)
+    return tokenizers.get(meta.tokenizer, meta.itos)
+
+
+class Tokens:
+    """Random access to windows of one split's token stream, read from its ArrayRecord shards.
+
+    Records are read one by one through grain's ArrayRecordDataSource (its batched __getitems__
+    starts a thread pool per call: most of a step's time on local files). Local records are read
+    in the calling thread; on gs:// every record is an HTTP round trip, so they are requested from
+    `io_threads` long-lived threads at once.
+    """
+
+    def __init__(self, data_dir: str | Path, split: str, meta: Meta | None = None,
+                 io_threads: int | None = None):
+        self.data_dir = str(data_dir)
+        self.meta = meta or read_meta(data_dir)
+        if split not in self.meta.splits:
+            raise DataError(f"{storage.join(self.data_dir, META)} has no split {split!r}; "
+                            f"it has {sorted(self.meta.splits)}")
+        self.split = split
+        info = self.meta.splits[split]
+        self.n_tokens = info.tokens
+        self.record_size = self.meta.record_size
+        self.dtype = np.dtype(self.meta.dtype).newbyteorder("<")
+        self.n_records = sum(s.records for s in info.shards)
+        if not self.n_tokens:
+            raise DataError(f"split {split!r} of {self.data_dir} is empty; prepare it with more data")
+        _check_shards(self.data_dir, info.shards)
+        # "path[0:N]" tells array_record the record count, so no shard is opened (a GCS round trip
+        # each) until it is read.
+        self._source = grain.sources.ArrayRecordDataSource(
+            [f"{storage.join(self.data_dir, s.name)}[0:{s.records}]" for s in info.shards])
+        if io_threads is None:
+            io_threads = 16 if storage.is_gcs(self.data_dir) else 0
+        self._pool = ThreadPoolExecutor(io_threads, "nanojaxgpt-read") if io_threads > 0 else None
+
+    def windows(self, offsets: Int[np.ndarray, " n"], length: int) -> Int[np.ndarray, "n length"]:
+        """int32 [len(offsets), length]: the tokens stream[o : o + length] for each offset o."""
+        offsets = np.asarray(offsets, dtype=np.int64)
+        if offsets.size and (offsets.min() < 0 or offsets.max() + length > self.n_tokens):
+            raise IndexError(f"windows of {length} tokens at offsets in [{offsets.min()}, {offsets.max()}] "
+                             f"run outside the {self.n_tokens}-token {self.split} split")
+        R = self.record_size
+        first = offsets // R
+        span = (length - 1 + R - 1) // R + 1  # most records one window can touch
+        needed = np.minimum(first[:, None] + np.arange(span), self.n_records - 1)
+        keys, slot = np.unique(needed, return_inverse=True)  # each record read once per call
+        slot = slot.reshape(needed.shape)
+        records = self._read_records(keys)
+        # Token j of window w sits at position local+j of the records first..: row slot[w, p // R],
+        # column p % R of the record array. One fancy-index gather, no per-window Python.
+        pos = (offsets - first * R)[:, None] + np.arange(length)
+        rows = np.take_along_axis(slot, pos // R, axis=1)
+        return records[rows, pos % R].astype(np.int32)
+
+    def _read_records(self, keys: np.ndarray) -> np.ndarray:
+        """[len(keys), record_size] tokens; the split's short last record is zero-filled at its end."""
+        if self._pool is None:
+            raw = [self._source[k] for k in keys.tolist()]
+        else:
+            raw = list(self._pool.map(self._source.__getitem__, keys.tolist()))
+        R, size = self.record_size, self.dtype.itemsize
+        joined = b"".join(raw)
+        if len(joined) == len(keys) * R * size:  # every record full: one copy-free reshape
+            return np.frombuffer(joined, dtype=self.dtype).reshape(len(keys), R)
+        out = np.zeros((len(keys), R), dtype=self.dtype)
+        for i, (key, record) in enumerate(zip(keys.tolist(), raw)):
+            expected = min(R, self.n_tokens - key * R)
+            if len(record) != expected * size:
+                raise DataError(f"record {key} of split {self.split!r} in {self.data_dir} has "
+                                f"{len(record)} bytes, expected {expected * size}: the shards do "
+                                f"not match meta.json; prepare the data again")
+            out[i, :expected] = np.frombuffer(record, dtype=self.dtype)
+        return out
+
+
+def _check_shards(data_dir: str, shards: Sequence[Shard]) -> None:
+    sizes = storage.file_sizes(data_dir)
+    for s in shards:
+        path = storage.join(data_dir, s.name)
+        if s.name not in sizes:
+            raise DataError(f"shard {path} listed in {storage.join(data_dir, META)} is missing; "
+                            f"copy it again or prepare the data again: {prepare_command(data_dir)}")
+        if sizes[s.name] != s.bytes:
+            raise DataError(f"shard {path} has {sizes[s.name]} bytes but meta.json says {s.bytes} "
+                            f"(an interrupted copy?); copy it again or prepare the data again")
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finalizer: a bijection on uint64 whose outputs look independent of the inputs."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _stream_key(seed: int, split: str) -> np.uint64:
+    """64-bit key of (seed, split): train and val never share offsets for the same seed."""
+    split_bits = int.from_bytes(hashlib.blake2b(split.encode(), digest_size=8).digest(), "little")
+    return _mix64(np.array([(seed & (2**64 - 1)) ^ split_bits], dtype=np.uint64))[0]
+
+
+class Batches:
+    """Step-indexed global batches of `rows` windows of block_size+1 tokens from one split.
+
+    `read(step, rows)` returns the given rows of that step's global batch; x = batch[:, :-1],
+    y = batch[:, 1:]. For a fixed validation set read steps 0..eval_iters-1 of the "val" split.
+    """
+
+    def __init__(self, data_dir: str | Path, split: str, *, block_size: int, rows: int, seed: int,
+                 io_threads: int | None = None):
+        if block_size < 1 or rows < 1:
+            raise ValueError(f"block_size={block_size} and rows={rows} must be positive")
+        self.tokens = Tokens(data_dir, split, io_threads=io_threads)  # None: 16 for gs://, 0 local
+        self.split, self.block_size, self.rows, self.seed = split, block_size, rows, seed
+        self.window = block_size + 1
+        # Offsets 0 .. n_tokens - block_size - 1, as nanoGPT's torch.randint(len(data) - block_size).
+        self.n_windows = self.tokens.n_tokens - block_size
+        if self.n_windows < 1:
+            raise DataError(f"split {split!r} of {data_dir} has {self.tokens.n_tokens} tokens, too few "
+                            f"for one window of block_size+1={self.window}; use a smaller block_size "
+                            f"or more data")
+        self._key = _stream_key(seed, split)
+
+    def offsets(self, step: int | np.integer, rows: Sequence[int] | np.ndarray) -> Int[np.ndarray, " n"]:
+        """Start offsets in the token stream of the given rows of step `step` (pure function)."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if step < 0:
+            raise IndexError(f"step={step} must be >= 0")
+        if rows.size and (rows.min() < 0 or rows.max() >= self.rows):
+            raise IndexError(f"rows must be in [0, {self.rows}) (rows= of this Batches); got "
+                             f"{rows[(rows < 0) | (rows >= self.rows)][:4].tolist()}")
+        index = np.uint64(step) * np.uint64(self.rows) + rows.astype(np.uint64)
+        h = _mix64(_mix64(index) ^ self._key)
+        # Modulo bias is below n_windows / 2**64: nil for any real corpus.
+        return (h % np.uint64(self.n_windows)).astype(np.int64)
+
+    def read(self, step: int | np.integer, rows: Sequence[int] | np.ndarray) -> Int[np.ndarray, "n window"]:
+        """int32 [len(rows), block_size+1]: rows `rows` of the global batch of step `step`."""
+        return self.tokens.windows(self.offsets(step, rows), self.window)
+
+    def iterate(self, start_step: int | np.integer, rows: Sequence[int] | np.ndarray, *, threads: int = 4,
+                buffer: int = 8) -> Iterator[np.ndarray]:
+        """read(start_step, rows), read(start_step + 1, rows), ... endlessly, read ahead by grain.
+
+        Up to `buffer` steps are read ahead on `threads` threads (raise both for gs://, where
+        each record read waits on the network). Call `.close()` on the iterator to stop early.
+        """
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        self.offsets(start_step, rows)  # validate now, not in a background thread
+        steps = grain.MapDataset.range(start_step, sys.maxsize)
+        ds = steps.map(lambda step: self.read(step, rows))
+        return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                                         prefetch_buffer_size=buffer)))
