@@ -68,10 +68,13 @@ def train_step(state: State, tokens: Int[Array, "A B T1"], *, static: PyTree,
         loss, grads = grad_fn(params, static, micro_tokens, micro_key)
         return (constrain(jax.tree.map(jnp.add, grad_sum, grads)), loss_sum + loss), None
 
-    zeros = constrain(jax.tree.map(jnp.zeros_like, params))
-    (grad_sum, loss_sum), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)),
-                                           (tokens, micro_keys))
     n = tokens.shape[0]
+    if n == 1:  # no accumulation: a one-trip loop would only block fusion and copy the grads
+        loss_sum, grad_sum = grad_fn(params, static, tokens[0], micro_keys[0])
+    else:
+        zeros = constrain(jax.tree.map(jnp.zeros_like, params))
+        (grad_sum, loss_sum), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)),
+                                               (tokens, micro_keys))
     grads = jax.tree.map(lambda g: g / n, grad_sum)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_state = {"model": optax.apply_updates(params, updates), "opt_state": opt_state,
@@ -81,13 +84,30 @@ def train_step(state: State, tokens: Int[Array, "A B T1"], *, static: PyTree,
     return new_state, metrics
 
 
-def eval_loss(params: PyTree, tokens: Int[Array, "N B T1"], *, static: PyTree) -> Float[Array, ""]:
-    """Mean loss over N batches, one scan (one dispatch for the whole evaluation)."""
+def eval_group(n_batches: int, batch_rows: int, block_size: int, vocab: int,
+               budget_bytes: int = 2**28) -> int:
+    """How many eval batches to run as one: the most whose float32 logits fit the budget.
+
+    Forward passes of many small batches (the CPU recipe: 12 x 64 tokens) waste most of the
+    machine; GPT-2-sized logits (12 x 1024 x 50304 x 4 B = 2.5 GB) run one batch at a time.
+    """
+    per_batch = batch_rows * block_size * vocab * 4
+    fits = max(1, budget_bytes // per_batch)
+    return max(g for g in range(1, n_batches + 1) if n_batches % g == 0 and g <= fits)
+
+
+def eval_loss(params: PyTree, tokens: Int[Array, "N B T1"], *, static: PyTree,
+              group: int = 1) -> Float[Array, ""]:
+    """Mean loss over N batches in one scan, `group` batches per trip (one dispatch in all)."""
+    n, b, t1 = tokens.shape
+    # [N, B] -> [N/g, B*g] keeping each device's rows of B together: no data moves between devices.
+    grouped = tokens.reshape(n // group, group, b, t1).swapaxes(1, 2).reshape(n // group, b * group, t1)
+
     def body(total, batch):
         return total + loss_fn(params, static, batch, None), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), tokens)
-    return total / tokens.shape[0]
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), grouped)
+    return total / grouped.shape[0]
 
 
 @dataclass(frozen=True)
@@ -99,14 +119,15 @@ class Steps:
 
 def jit_steps(static: PyTree, tx: optax.GradientTransformation, optim_cfg: OptimConfig,
               state_shardings: PyTree, batch_sharding: NamedSharding,
-              eval_sharding: NamedSharding, replicated: NamedSharding) -> Steps:
+              eval_sharding: NamedSharding, replicated: NamedSharding,
+              eval_group_size: int = 1) -> Steps:
     train = jax.jit(
         lambda s, t: train_step(s, t, static=static, tx=tx, optim_cfg=optim_cfg,
                                 param_shardings=state_shardings["model"]),
         in_shardings=(state_shardings, batch_sharding),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0)  # the old state's buffers become the new state's: no second copy
-    evaluate = jax.jit(lambda p, t: eval_loss(p, t, static=static),
+    evaluate = jax.jit(lambda p, t: eval_loss(p, t, static=static, group=eval_group_size),
                        in_shardings=(state_shardings["model"], eval_sharding),
                        out_shardings=replicated)
     return Steps(train=train, evaluate=evaluate)

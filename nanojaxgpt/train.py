@@ -15,11 +15,11 @@ import jax
 import numpy as np
 from etils import epath
 
-from nanojaxgpt import checkpoint, config, data, distributed, metrics, sharding
+from nanojaxgpt import checkpoint, config, data, distributed, metrics, sharding, storage
 from nanojaxgpt import model as gpt
 from nanojaxgpt.preemption import Preemption
 from nanojaxgpt.state import setup
-from nanojaxgpt.step import jit_steps
+from nanojaxgpt.step import eval_group, jit_steps
 
 log = logging.getLogger("nanojaxgpt.train")
 
@@ -53,7 +53,16 @@ def main(argv: list[str] | None = None) -> int:
     topo = distributed.initialize(cfg.distributed)
     distributed.setup_logging()
     mesh = sharding.make_mesh(cfg.mesh)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.train.batch_size % shards:
+        raise config.ConfigError(
+            f"train.batch_size={cfg.train.batch_size} must be a multiple of mesh data x fsdp = "
+            f"{shards} (the batch is split over them); change --batch_size or the mesh")
     meta = data.read_meta(cfg.data.data_dir)
+    if not storage.bucket_exists(cfg.train.out_dir):  # every host stops here, before any collective
+        raise config.ConfigError(
+            f"out_dir {cfg.train.out_dir}: bucket gs://{storage.GCSPath.parse(cfg.train.out_dir).bucket} "
+            "does not exist; create it (gcloud storage buckets create gs://BUCKET) or fix --out_dir")
     cfg = _vocab_from_data(cfg, meta)
     t, m = cfg.train, cfg.model
     log.info("config:\n%s", config.to_toml_like(cfg))
@@ -83,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
 
     steps = jit_steps(run.static, run.tx, cfg.optim, run.shardings,
                       sharding.batch_sharding(mesh, 3, 1), sharding.batch_sharding(mesh, 3, 1),
-                      sharding.replicated(mesh))
+                      sharding.replicated(mesh),
+                      eval_group(t.eval_iters, t.batch_size // shards, m.block_size,
+                                 m.padded_vocab_size))
     batches = data.Batches(cfg.data.data_dir, "train", block_size=m.block_size, rows=rows,
                            seed=t.seed)
     batch_shape = (t.gradient_accumulation_steps, t.batch_size, m.block_size + 1)
@@ -134,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             ckpt.save(step + 1, state, meta={"data_step": step + 1}, config_json=cfg.to_json(),
                       force=True)
             ckpt.wait()
-            log.info("preempted: saved a complete checkpoint of step %d in %s; run the same "
-                     "command to resume", step + 1, t.out_dir)
+            log.warning("preempted: saved a complete checkpoint of step %d in %s; run the same "
+                        "command to resume", step + 1, t.out_dir)
             break
     else:
         if t.max_iters % t.eval_interval == 0:
@@ -149,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 def cli(argv: list[str] | None = None) -> None:
     try:
         sys.exit(main(argv))
-    except (config.ConfigError, data.DataError) as e:
+    except (config.ConfigError, data.DataError, distributed.DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
