@@ -1,0 +1,314 @@
+"""Async Orbax checkpoints of a run, local or on gs://, restorable onto any mesh.
+
+A run directory `out_dir` keeps its checkpoints in `out_dir/checkpoints/<step>/`, three items each:
+`state` (the train state pytree: model, optimizer state, step, RNG key), `meta` (JSON: the step,
+the data position and whatever the caller adds) and `config` (the resolved config, JSON).
+
+Checkpoints live in their own subdirectory because Orbax's clean-up of half-written saves treats
+every directory without a commit marker as one on gs://, and would delete a TensorBoard folder.
+
+Leaves may be jax.Arrays of any sharding, typed PRNG keys (jax.random.key) or raw key data; Equinox
+modules (their array leaves, e.g. eqx.filter(model, eqx.is_array)) and optax NamedTuple states
+round-trip into the structure of the restore target.
+
+Completeness is Orbax's: a local save is written to `<step>.orbax-checkpoint-tmp` and renamed
+when done; on gs:// (no atomic rename) it is written in place and `commit_success.txt` is written
+last. Half-written saves are invisible to `latest_step()` and removed when a Checkpointer starts.
+Every process calls every method (multi-host); Orbax coordinates who writes what.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import equinox as eqx
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from jaxtyping import PyTree
+
+from nanojaxgpt import config as config_lib
+from nanojaxgpt.config import CheckpointConfig, Config, ModelConfig
+
+log = logging.getLogger(__name__)
+
+SUBDIR = "checkpoints"
+ITEMS = ("state", "meta", "config")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read; the message names the path and the step."""
+
+
+class CheckpointTimeoutError(CheckpointError):
+    """An async save still running after `checkpoint.save_timeout_s`."""
+
+
+@dataclass(frozen=True)
+class Restored:
+    step: int
+    state: PyTree
+    meta: dict[str, Any]
+    config_json: str
+
+
+@dataclass(frozen=True)
+class _Pending:
+    step: int
+    started: float  # time.monotonic() when the save began
+
+
+def checkpoint_dir(run_dir: str) -> epath.Path:
+    return epath.Path(run_dir) / SUBDIR
+
+
+def _as_abstract(tree: PyTree) -> PyTree:
+    """Every leaf as a ShapeDtypeStruct that carries the sharding to restore into."""
+
+    def leaf(path, x):
+        if isinstance(x, jax.Array):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+        if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None:
+            return x
+        raise TypeError(f"restore target {jax.tree_util.keystr(path)} is {x!r}; give a "
+                        "jax.ShapeDtypeStruct with .sharding (a NamedSharding of the current mesh)")
+
+    return jax.tree_util.tree_map_with_path(leaf, tree)
+
+
+def _all_processes_ok(ok: bool) -> bool:
+    """True only where every process succeeded, so hosts never continue from different steps."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.array([ok]))))
+
+
+class Checkpointer:
+    """Async, keep-N checkpoints of one run; see the module docstring for the layout."""
+
+    def __init__(self, out_dir: str, cfg: CheckpointConfig) -> None:
+        self.out_dir = out_dir
+        self.directory = checkpoint_dir(out_dir)
+        self._cfg = cfg
+        self._pending: _Pending | None = None
+        self._unreadable: set[int] = set()  # steps restore() skipped: a save may replace them
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.LatestN(cfg.keep_checkpoints),
+            cleanup_tmp_directories=True,  # a save killed half-way is removed, never resumed from
+            enable_async_checkpointing=True,
+            # Orbax's own limit on the background write; wait() also enforces it on the whole save.
+            async_options=ocp.AsyncOptions(timeout_secs=max(1, math.ceil(cfg.save_timeout_s))),
+        )
+        self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def should_save(self, step: int) -> bool:
+        return step > 0 and step % self._cfg.checkpoint_interval == 0
+
+    def latest_step(self) -> int | None:
+        """The latest complete checkpoint (a save still in flight does not count)."""
+        self._settle(block=False)
+        steps = [s for s in self._mngr.all_steps()
+                 if self._pending is None or s != self._pending.step]
+        return max(steps) if steps else None
+
+    def save(self, step: int, state: PyTree, *, meta: dict[str, Any], config_json: str,
+             force: bool = False) -> None:
+        """Start an async save; returns once the arrays are copied off the devices.
+
+        Raises the error of a previous save that failed or ran past save_timeout_s.
+        """
+        self._settle(block=False)
+        if not (force or self.should_save(step)):
+            return
+        if step in self._mngr.all_steps():
+            if step not in self._unreadable:
+                log.info("checkpoint of step %d already in %s", step, self.directory)
+                return
+            log.warning("replacing the unreadable checkpoint %s", self.directory / str(step))
+            self._mngr.delete(step)
+            self._unreadable.discard(step)
+        try:
+            config = json.loads(config_json)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config_json for step {step} is not JSON ({e}); pass "
+                             "Config.to_json()") from None
+        meta = {**meta, "step": step}
+        try:
+            json.dumps(meta)
+        except TypeError as e:
+            raise ValueError(f"meta for step {step} must be JSON-serialisable "
+                             f"(ints, floats, strings, lists, dicts): {e}") from None
+        self._settle(block=True)  # Orbax keeps one save in flight: finish the last one first
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
+                                  config=ocp.args.JsonSave(config))
+        started = time.monotonic()
+        try:
+            self._mngr.save(step, args=args, force=True)  # force: we decided with should_save
+        except Exception as e:
+            raise CheckpointError(f"saving step {step} to {self.directory} failed: {e}") from e
+        self._pending = _Pending(step, started)
+
+    def wait(self, timeout_s: int | float | None = None) -> None:
+        """Block until the pending save is complete; raise its error or a timeout.
+
+        The limit is checkpoint.save_timeout_s from the start of the save, or `timeout_s` from now.
+        """
+        self._settle(block=True, timeout_s=timeout_s)
+
+    def close(self) -> None:
+        self.wait()
+        self._mngr.close()
+
+    def _settle(self, block: bool, timeout_s: int | float | None = None) -> None:
+        pending = self._pending
+        if pending is None:
+            return
+        deadline = (pending.started + self._cfg.save_timeout_s if timeout_s is None
+                    else time.monotonic() + timeout_s)
+        while self._mngr.is_saving_in_progress():
+            now = time.monotonic()
+            if now >= deadline:
+                raise CheckpointTimeoutError(
+                    f"checkpoint save of step {pending.step} to {self.directory} still running "
+                    f"{now - pending.started:.1f} s after it began (checkpoint.save_timeout_s="
+                    f"{self._cfg.save_timeout_s:g}): the storage "
+                    "is stalled or too slow; raise the timeout or check the bucket")
+            if not block:
+                return
+            time.sleep(min(0.02, deadline - now))
+        self._pending = None
+        try:
+            self._mngr.wait_until_finished()
+        except Exception as e:
+            raise CheckpointError(f"async checkpoint save of step {pending.step} to "
+                                  f"{self.directory} failed: {type(e).__name__}: {e}") from e
+
+    def restore(self, abstract_state: PyTree, step: int | None = None) -> Restored:
+        """The state of `step` (default: the latest complete one) in abstract_state's shardings.
+
+        With step=None an unreadable checkpoint is skipped, with a warning, for the one before.
+        """
+        self.wait()
+        self._mngr.reload()  # another process (a previous run) may have written since we started
+        abstract = _as_abstract(abstract_state)
+        steps = sorted(self._mngr.all_steps(), reverse=True)
+        if step is not None:
+            if step not in steps:
+                raise CheckpointError(f"no complete checkpoint of step {step} in "
+                                      f"{self.directory}; complete ones: {sorted(steps)}")
+            try:
+                return self._restore_step(abstract, step)
+            except Exception as e:
+                raise CheckpointError(f"cannot restore checkpoint {self.directory / str(step)}: "
+                                      f"{type(e).__name__}: {e}") from e
+        if not steps:
+            raise CheckpointError(f"no complete checkpoint in {self.directory}")
+        failures = []
+        for s in steps:
+            restored, error = None, None
+            try:
+                restored = self._restore_step(abstract, s)
+            except Exception as e:  # a corrupt or unreadable checkpoint: try the one before
+                error = e
+            if _all_processes_ok(error is None):
+                return restored
+            reason = f"{type(error).__name__}: {error}" if error else "failed on another process"
+            failures.append(f"step {s}: {reason}")
+            self._unreadable.add(s)
+            log.warning("checkpoint %s is unreadable, falling back to the previous one: %s",
+                        self.directory / str(s), reason[:2000])
+        raise CheckpointError(f"no usable checkpoint in {self.directory}:\n" + "\n".join(failures))
+
+    def _restore_step(self, abstract: PyTree, step: int) -> Restored:
+        out = self._mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore(),
+            config=ocp.args.JsonRestore()))
+        return Restored(step=step, state=out.state, meta=dict(out.meta),
+                        config_json=json.dumps(out.config, indent=2, sort_keys=True))
+
+
+def _reader(run_dir: str) -> ocp.CheckpointManager:
+    directory = checkpoint_dir(run_dir)
+    if not epath.Path(run_dir).exists():
+        raise CheckpointError(f"run directory {run_dir} does not exist")
+    if not directory.exists():
+        raise CheckpointError(f"{run_dir} holds no checkpoints ({directory} does not exist)")
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+    return ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
+
+
+def _step_or_latest(mngr: ocp.CheckpointManager, run_dir: str, step: int | None) -> int:
+    steps = mngr.all_steps()
+    if step is None and steps:
+        return max(steps)
+    if step is not None and step in steps:
+        return step
+    raise CheckpointError(f"no complete checkpoint{'' if step is None else f' of step {step}'} "
+                          f"in {checkpoint_dir(run_dir)}; complete ones: {sorted(steps)}")
+
+
+def _read_config(mngr: ocp.CheckpointManager, step: int) -> Config:
+    saved = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+    return config_lib.from_json(json.dumps(saved))
+
+
+def read_config(run_dir: str, step: int | None = None) -> Config:
+    """The resolved config saved with a checkpoint (default: the latest complete one)."""
+    mngr = _reader(run_dir)
+    try:
+        return _read_config(mngr, _step_or_latest(mngr, run_dir, step))
+    finally:
+        mngr.close()
+
+
+def _build_gpt(cfg: ModelConfig, key: jax.Array) -> eqx.Module:
+    from nanojaxgpt import model  # the model code is needed only to sample, not to train-resume
+
+    return model.GPT(cfg, key=key)
+
+
+def load_model(run_dir: str, *, step: int | None = None,
+               build: Callable[[ModelConfig, jax.Array], eqx.Module] | None = None) -> eqx.Module:
+    """The model of a checkpoint (default: the latest) on one device, for sampling or export.
+
+    Reads only the `model` subtree of the state: the optimizer moments (2/3 of it) stay on disk.
+    `build(model_config, key)` makes the module (default: nanojaxgpt.model.GPT); it is only traced.
+    """
+    build = build or _build_gpt
+    mngr = _reader(run_dir)
+    try:
+        step = _step_or_latest(mngr, run_dir, step)
+        cfg = _read_config(mngr, step)
+        abstract_model = eqx.filter_eval_shape(build, cfg.model, jax.random.key(0))
+        is_leaf = lambda x: isinstance(x, jax.ShapeDtypeStruct)  # noqa: E731
+        params, static = eqx.partition(abstract_model, is_leaf)
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                              params, is_leaf=is_leaf)
+        item = {"model": params}
+        restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True)))
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"cannot load the model of step {step} from "
+                              f"{checkpoint_dir(run_dir)}: {type(e).__name__}: {e}") from e
+    finally:
+        mngr.close()
+    return eqx.combine(restored.state["model"], static)
