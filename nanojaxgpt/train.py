@@ -7,6 +7,7 @@ checkpoint). Every host runs this same program; process 0 alone writes logs.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 
@@ -163,6 +164,11 @@ def cli(argv: list[str] | None = None) -> None:
     except (config.ConfigError, data.DataError, distributed.DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except checkpoint.CheckpointTimeoutError as e:
+        # The stuck writer threads are not daemons: exit now, so a launcher can restart the job.
+        log.error("%s", e)
+        logging.shutdown()
+        os._exit(1)
 
 
 if __name__ == "__main__":
