@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Run nanojaxgpt on one multi-GPU node, or on each of several nodes (one process per node,
+# all its GPUs local to that process). Run the same command on every node with its own NODE_RANK.
+#
+#   docker build -t nanojaxgpt .
+#   # one node, 8 GPUs:
+#   launch/gpu_node.sh configs/gpt2_124m.toml --attention=cudnn --data_dir=gs://BUCKET/openwebtext
+#   # two nodes: on node 0 and node 1 (COORDINATOR = node 0's address reachable by node 1)
+#   NUM_NODES=2 NODE_RANK=0 COORDINATOR=10.0.0.2:1234 launch/gpu_node.sh configs/gpt2_124m.toml ...
+#   NUM_NODES=2 NODE_RANK=1 COORDINATOR=10.0.0.2:1234 launch/gpu_node.sh configs/gpt2_124m.toml ...
+#
+# `docker stop` sends SIGTERM: the run saves a checkpoint and exits 0; the same command resumes.
+# Credentials for gs:// paths: Application Default Credentials mounted from the host
+# (GOOGLE_APPLICATION_CREDENTIALS or ~/.config/gcloud), never baked into the image.
+set -euo pipefail
+
+IMAGE=${IMAGE:-nanojaxgpt}
+NUM_NODES=${NUM_NODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+RUNS=${RUNS:-$PWD/runs}
+mkdir -p "$RUNS"
+
+env_args=()
+if [ "$NUM_NODES" -gt 1 ]; then
+  : "${COORDINATOR:?set COORDINATOR=host:port of node 0}"
+  env_args+=(-e "JAX_COORDINATOR_ADDRESS=$COORDINATOR" -e "JAX_NUM_PROCESSES=$NUM_NODES"
+             -e "JAX_PROCESS_ID=$NODE_RANK")
+fi
+creds=()
+if [ -n "${GOOGLE_APPLICATION_CREDENTIALS:-}" ]; then
+  creds+=(-v "$GOOGLE_APPLICATION_CREDENTIALS:/creds.json:ro" -e GOOGLE_APPLICATION_CREDENTIALS=/creds.json)
+elif [ -d "$HOME/.config/gcloud" ]; then
+  creds+=(-v "$HOME/.config/gcloud:/root/.config/gcloud:ro")
+fi
+
+# --network host: the coordinator and NCCL talk between nodes directly.
+# --shm-size / --ipc host: NCCL and the data loader use shared memory.
+exec docker run --rm --gpus all --network host --ipc host --shm-size 16g \
+  --stop-timeout 600 \
+  "${env_args[@]}" "${creds[@]}" \
+  -v "$RUNS:/opt/nanojaxgpt/runs" -v "$PWD/data:/opt/nanojaxgpt/data" \
+  "$IMAGE" "$@"
