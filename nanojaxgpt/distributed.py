@@ -303,6 +303,6 @@ def setup_logging(topology: Topology | None = None, level: int = logging.INFO) -
                                            datefmt="%H:%M:%S"))
     root.addHandler(handler)
     root.setLevel(level if index == 0 else max(level, logging.WARNING))
-    # jax's and Orbax's (absl) INFO records would drown the progress lines.
-    for name in ("jax", "absl"):
+    # jax's, Orbax's (absl) and gcsfs's (fsspec) INFO records would drown the progress lines.
+    for name in ("jax", "absl", "fsspec"):
         logging.getLogger(name).setLevel(max(level, logging.WARNING))

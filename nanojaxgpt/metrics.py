@@ -94,6 +94,11 @@ class _Uploader:
                                f"{self._error}; the files not uploaded are in {self.local_dir}"
                                ) from self._error
 
+    def drain(self) -> None:
+        """Block until every submitted file is uploaded (or has failed)."""
+        if self._thread.is_alive():
+            self._queue.join()
+
     def close(self) -> None:
         if self._thread.is_alive():
             self._queue.put(None)
@@ -170,13 +175,17 @@ class Metrics:
             self._file = None
             self._chunk += 1
 
-    def flush(self) -> None:
-        """Local: events on disk now. gs://: the current file starts uploading (not waited for)."""
+    def flush(self, wait: bool = False) -> None:
+        """Local: events on disk now. gs://: the current file starts uploading; with `wait`, the
+        call returns once every file so far is in the bucket (one small upload)."""
         if not self.enabled:
             return
         if self._uploader:
             self._uploader.check()
             self._roll()
+            if wait:
+                self._uploader.drain()
+                self._uploader.check()
         elif self._file is not None:
             self._file.flush()
 

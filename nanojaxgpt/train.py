@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         if ckpt.should_save(step + 1) or step + 1 == t.max_iters:
             ckpt.save(step + 1, state, meta={"data_step": step + 1}, config_json=cfg.to_json(),
                       force=step + 1 == t.max_iters)
-            tb.flush()  # logs are durable up to every checkpoint: a resume leaves no gap
+            tb.flush(wait=True)  # logs are durable up to every checkpoint: a resume leaves no gap
         if preemption.should_stop(step + 1) and step + 1 < t.max_iters:
             ckpt.save(step + 1, state, meta={"data_step": step + 1}, config_json=cfg.to_json(),
                       force=True)

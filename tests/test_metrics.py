@@ -127,6 +127,20 @@ def test_gcs_uploads_each_byte_once_and_resumes(gcs, tmp_path):
     _check_resumed(_read(resumed))
 
 
+def test_flush_wait_returns_with_the_events_in_the_bucket(gcs, tmp_path):
+    """What train.py relies on at each checkpoint: the logs so far are on gs:// when it returns."""
+    log_dir = f"{gcs}/run/tensorboard"
+    m = metrics.Metrics(log_dir, enabled=True)
+    for step in range(10):
+        m.scalars(step, {"train/loss": float(step)})
+    m.flush(wait=True)
+    got = tmp_path / "got"
+    got.mkdir()
+    _download(log_dir, got)  # before close(): a process killed now would lose nothing
+    assert sorted(_points(_read(got), "train/loss")) == list(range(10))
+    m.close()
+
+
 def test_upload_interval_rolls_files_without_flush(gcs, tmp_path):
     m = metrics.Metrics(f"{gcs}/tb", enabled=True, upload_interval_s=0.0)
     for step in range(5):
