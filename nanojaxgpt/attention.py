@@ -126,6 +126,9 @@ class CausalSelfAttention(eqx.Module):
                                        dropout_rate=self.dropout_rate, key=key, inference=False)
         if self.kernel == "splash":
             return splash_attention(q_THD, k_THD, v_THD)
+        if self.kernel == "cudnn" and q_THD.dtype not in (jnp.bfloat16, jnp.float16):
+            raise ValueError(f"attention='cudnn' (cuDNN flash attention) runs in bfloat16 or float16, "
+                             f"not {q_THD.dtype}: set compute_dtype='bfloat16' or attention='xla'")
         return jax.nn.dot_product_attention(q_THD, k_THD, v_THD, is_causal=True,
                                             implementation=self.kernel)
 

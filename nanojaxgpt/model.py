@@ -99,29 +99,28 @@ def _remat(fn: Callable, policy: str, scan: bool) -> Callable:
     if policy == "full":
         return jax.checkpoint(fn, prevent_cse=not scan)
     # "dots": keep the weight matmuls' outputs, recompute the rest (attention scores included, as
-    # they carry batch dims); the usual trade of a little compute for a lot of memory.
+    # they carry batch dims): a little compute for a lot of memory. On XLA:CPU it is also the
+    # fastest: a scan without remat saves every intermediate into zero-filled stacked buffers
+    # (4-layer, 128-wide model, 12 x 64 tokens, AdamW step: 42 ms without remat, 24 ms with dots).
     return jax.checkpoint(fn, prevent_cse=not scan,
                           policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
 
 
-def run_stack(stack: Block, fn: Callable[[Block, Any, Any], tuple[Any, Any]], carry: Any, xs: Any, *,
-              scan: bool, remat: str = "none") -> tuple[Any, Any]:
-    """carry, ys = fn(block_i, carry, xs[i]) over the stacked blocks; lax.scan or a Python loop."""
+def _run_blocks(stack: Block, fn: Callable[[Block, Array, Any], Array], x: Array, xs: Any, *,
+                scan: bool, remat: str) -> Array:
+    """x = fn(block_i, x, xs[i]) for each stacked block, by lax.scan or a Python loop."""
     params, static = eqx.partition(stack, eqx.is_array)
-    n_layer = jax.tree.leaves(params)[0].shape[0]
 
-    def body(c, layer):
-        p, x = layer
-        return fn(eqx.combine(p, static), c, x)
+    def body(x, layer):
+        p, xs_i = layer
+        return fn(eqx.combine(p, static), x, xs_i), None
 
     body = _remat(body, remat, scan)
     if scan:
-        return jax.lax.scan(body, carry, (params, xs))
-    ys = []
-    for i in range(n_layer):
-        carry, y = body(carry, jax.tree.map(lambda a: a[i], (params, xs)))
-        ys.append(y)
-    return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
+        return jax.lax.scan(body, x, (params, xs))[0]
+    for i in range(jax.tree.leaves(params)[0].shape[0]):
+        x, _ = body(x, jax.tree.map(lambda a: a[i], (params, xs)))
+    return x
 
 
 class GPT(eqx.Module):
@@ -180,11 +179,10 @@ class GPT(eqx.Module):
         x = dropout(self.embed(idx_T, positions), cfg.dropout, k_embd, inference)
         rope = self.rope(positions)
 
-        def layer(block: Block, x_TE: Array, k: PRNGKeyArray | None) -> tuple[Array, None]:
-            return block(x_TE, rope, key=k, inference=inference), None
+        def layer(block: Block, x_TE: Array, k: PRNGKeyArray | None) -> Array:
+            return block(x_TE, rope, key=k, inference=inference)
 
-        x, _ = run_stack(self.h, layer, x, keys, scan=cfg.scan_layers, remat=cfg.remat)
-        return x
+        return _run_blocks(self.h, layer, x, keys, scan=cfg.scan_layers, remat=cfg.remat)
 
     def __call__(self, idx: Int[Array, "T"], *, key: PRNGKeyArray | None = None,
                  inference: bool = False) -> Float[Array, "T V"]:
