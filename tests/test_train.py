@@ -105,3 +105,17 @@ def test_missing_data_is_a_clear_error(tmp_path, capsys):
 def test_unknown_flag_is_a_clear_error(tmp_path, capsys):
     err = _cli_error(capsys, "--n_layr=3")
     assert "unknown config key 'n_layr'" in err and "n_layer" in err
+
+
+def test_sample_from_the_run_directory(reference, capsys):
+    """`python -m nanojaxgpt.sample --init_from=OUT_DIR`: the run's model and its char tokenizer."""
+    from nanojaxgpt import sample
+
+    argv = [f"--init_from={reference['out']}", "--start=ROMEO:", "--num_samples=2",
+            "--max_new_tokens=30", "--seed=7"]
+    assert sample.main(argv) == 0
+    first = capsys.readouterr().out
+    samples = [s.strip("\n") for s in first.split("---------------") if s.strip()]
+    assert len(samples) == 2
+    assert all(s.startswith("ROMEO:") and len(s) == len("ROMEO:") + 30 for s in samples)
+    assert sample.main(argv) == 0 and capsys.readouterr().out == first  # the seed fixes the text
