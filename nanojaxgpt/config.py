@@ -88,7 +88,7 @@ class TrainConfig:
     eval_interval: int = 2000
     eval_iters: int = 200
     log_interval: int = 10
-    eval_only: bool = False
+    eval_only: bool = False  # evaluate the latest checkpoint (or the initial model) and exit
 
 
 @dataclass(frozen=True)

@@ -116,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
         log.info("step %d: train loss %.4f, val loss %.4f", step, losses["train"], losses["val"])
         tb.scalars(step, {"val/loss": losses["val"], "eval/train_loss": losses["train"]})
 
+    if t.eval_only:  # nanoGPT's eval_only: evaluate the restored (or initial) model and stop
+        evaluate(start)
+        ckpt.close()
+        tb.close()
+        return 0
     tokens = global_batch(start) if start < t.max_iters else None
     last_log_step, last_log_time, first_done = start, time.time(), None
     for step in range(start, t.max_iters):

@@ -119,3 +119,15 @@ def test_sample_from_the_run_directory(reference, capsys):
     assert len(samples) == 2
     assert all(s.startswith("ROMEO:") and len(s) == len("ROMEO:") + 30 for s in samples)
     assert sample.main(argv) == 0 and capsys.readouterr().out == first  # the seed fixes the text
+
+
+def test_eval_only_evaluates_the_latest_checkpoint_and_trains_nothing(data_dir, reference, tmp_path):
+    out = tmp_path / "evaluated"
+    shutil.copytree(reference["out"] / "checkpoints", out / "checkpoints")
+    proc = run(data_dir, str(out), MAX, "--eval_only=true", devices=1)
+    assert "resumed from step 20" in proc.stderr
+    val = curve(out, "val/loss")
+    assert list(val) == [20]
+    np.testing.assert_allclose(val[20], curve(reference["out"], "val/loss")[20], rtol=2e-5)
+    steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [5, 10, 15, 20]  # nothing trained, nothing saved
