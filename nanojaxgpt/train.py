@@ -94,8 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = jit_steps(run.static, run.tx, cfg.optim, run.shardings,
                       sharding.batch_sharding(mesh, 3, 1), sharding.batch_sharding(mesh, 3, 1),
                       sharding.replicated(mesh),
-                      eval_group(t.eval_iters, t.batch_size // shards, m.block_size,
-                                 m.padded_vocab_size))
+                      eval_group(t.eval_iters, t.batch_size // shards, m.block_size))
     batches = data.Batches(cfg.data.data_dir, "train", block_size=m.block_size, rows=rows,
                            seed=t.seed)
     batch_shape = (t.gradient_accumulation_steps, t.batch_size, m.block_size + 1)
