@@ -8,7 +8,8 @@ The static half of the model (its config and structure) is closed over, never tr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
