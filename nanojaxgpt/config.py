@@ -61,7 +61,6 @@ class MeshConfig:
 @dataclass(frozen=True)
 class DataConfig:
     data_dir: str = "data/shakespeare_char"  # local path or gs://; written by tools/prepare_*.py
-    worker_count: int = 0  # grain worker processes per host (0 = read in the training process)
 
 
 @dataclass(frozen=True)
