@@ -15,6 +15,7 @@ import equinox as eqx
 import jax
 import numpy as np
 from etils import epath
+from jax.sharding import NamedSharding
 
 from nanojaxgpt import checkpoint, config, data, distributed, metrics, sharding, storage
 from nanojaxgpt import model as gpt
@@ -34,14 +35,14 @@ def _vocab_from_data(cfg: config.Config, meta: data.Meta) -> config.Config:
     return cfg
 
 
-def _eval_tokens(cfg: config.Config, split: str, mesh) -> jax.Array:
+def _eval_tokens(cfg: config.Config, split: str, batch_sh: NamedSharding) -> jax.Array:
     """The fixed evaluation set of a split: eval_iters batches of batch_size windows."""
     batches = data.Batches(cfg.data.data_dir, split, block_size=cfg.model.block_size,
                            rows=cfg.train.batch_size, seed=cfg.train.seed + 1)
     shape = (cfg.train.eval_iters, cfg.train.batch_size, cfg.model.block_size + 1)
     n = cfg.train.batch_size
     return sharding.host_local_array(
-        shape, sharding.batch_sharding(mesh, 3, 1),
+        shape, batch_sh,
         lambda rows: np.concatenate([batches.read(int(s), rows[rows // n == s] % n)
                                      for s in np.unique(rows // n)]))
 
@@ -91,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(cfg.to_json())  # the resolved config, beside the checkpoints
 
-    steps = jit_steps(run.static, run.tx, cfg.optim, run.shardings,
-                      sharding.batch_sharding(mesh, 3, 1), sharding.batch_sharding(mesh, 3, 1),
+    batch_sh = sharding.batch_sharding(mesh, 3, 1)  # [steps or micro-batches, batch, tokens]
+    steps = jit_steps(run.static, run.tx, cfg.optim, run.shardings, batch_sh, batch_sh,
                       sharding.replicated(mesh),
                       eval_group(t.eval_iters, t.batch_size // shards, m.block_size))
     batches = data.Batches(cfg.data.data_dir, "train", block_size=m.block_size, rows=rows,
@@ -100,10 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     batch_shape = (t.gradient_accumulation_steps, t.batch_size, m.block_size + 1)
 
     def global_batch(step: int) -> jax.Array:
-        return sharding.host_local_array(batch_shape, sharding.batch_sharding(mesh, 3, 1),
-                                         lambda r: batches.read(step, r))
+        return sharding.host_local_array(batch_shape, batch_sh, lambda r: batches.read(step, r))
 
-    eval_sets = {split: _eval_tokens(cfg, split, mesh) for split in ("train", "val")}
+    eval_sets = {split: _eval_tokens(cfg, split, batch_sh) for split in ("train", "val")}
     tb = metrics.Metrics(t.out_dir, enabled=topo.process_index == 0,
                          resume_step=start)
     peak = metrics.peak_flops_per_device(jax.devices()[0])
