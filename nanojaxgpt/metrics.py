@@ -36,6 +36,8 @@ from tensorboardX.proto.event_pb2 import Event, SessionLog
 from tensorboardX.record_writer import RecordWriter
 from tensorboardX.summary import scalar
 
+from nanojaxgpt import storage
+
 _EVENT_NAME = re.compile(r"events\.out\.tfevents\.(\d{10})\.")
 
 
@@ -47,13 +49,11 @@ class _Uploader:
     """Background thread: copy closed local event files to gs://bucket/prefix/, each once."""
 
     def __init__(self, gs_dir: str, local_dir: str) -> None:
-        from google.cloud import storage
-
-        bucket, _, prefix = gs_dir[len("gs://"):].partition("/")
+        path = storage.GCSPath.parse(gs_dir)
         self.gs_dir = gs_dir.rstrip("/")
         self.local_dir = local_dir
-        self._prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
-        self._bucket = storage.Client().bucket(bucket)
+        self._prefix = path.child("")  # "prefix/" or "" at the bucket's root
+        self._bucket = storage.client().bucket(path.bucket)
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._error: BaseException | None = None
         self.uploaded_bytes = 0
@@ -116,7 +116,7 @@ class Metrics:
         if not enabled:
             return
         self._uploader = None
-        if log_dir.startswith("gs://"):
+        if storage.is_gcs(log_dir):
             self._dir = tempfile.mkdtemp(prefix="nanojaxgpt-tensorboard-")
             self._uploader = _Uploader(log_dir, self._dir)
             existing = self._uploader.existing_names()

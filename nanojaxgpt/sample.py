@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from nanojaxgpt import kvcache
+from nanojaxgpt import kvcache, storage
 from nanojaxgpt.model import GPT, with_runtime
 
 _MIN_WINDOW = 16  # smallest padded window: tiny prompts share one compilation
@@ -177,7 +177,7 @@ def load_model(init_from: str, out_dir: str = "out") -> Loaded:
     if init_from == "resume":
         init_from = out_dir
     if init_from in hf.GPT2_NAMES or hf.is_hf_dir(init_from) or not (
-            init_from.startswith("gs://") or Path(init_from).is_dir()):
+            storage.is_gcs(init_from) or Path(init_from).is_dir()):
         model = hf.load(init_from)
         return Loaded(model, tokenizer.get("gpt2"))
     from nanojaxgpt import checkpoint, data  # a run directory written by train.py

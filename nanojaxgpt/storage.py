@@ -44,7 +44,7 @@ class GCSPath:
 
 
 @functools.cache
-def _client():
+def client():
     from google.cloud import storage  # imported on first gs:// use only
 
     return storage.Client()
@@ -52,7 +52,7 @@ def _client():
 
 def _bucket(url: str):
     path = GCSPath.parse(url)
-    return path, _client().bucket(path.bucket)
+    return path, client().bucket(path.bucket)
 
 
 def read_text(path: str) -> str:
@@ -78,7 +78,7 @@ def file_sizes(directory: str) -> dict[str, int]:
     gpath, _ = _bucket(directory)
     prefix = gpath.child("")
     try:
-        blobs = _client().list_blobs(gpath.bucket, prefix=prefix, delimiter="/")
+        blobs = client().list_blobs(gpath.bucket, prefix=prefix, delimiter="/")
         return {b.name[len(prefix):]: b.size for b in blobs}
     except exceptions.NotFound:
         return {}
@@ -95,7 +95,7 @@ def bucket_exists(url: str) -> bool:
 
     gpath, _ = _bucket(url)
     try:
-        next(iter(_client().list_blobs(gpath.bucket, prefix=gpath.child(""), max_results=1)), None)
+        next(iter(client().list_blobs(gpath.bucket, prefix=gpath.child(""), max_results=1)), None)
     except exceptions.NotFound:
         return False
     return True
