@@ -222,10 +222,10 @@ class Batches:
     """
 
     def __init__(self, data_dir: str | Path, split: str, *, block_size: int, rows: int, seed: int,
-                 io_threads: int | None = None):
+                 meta: Meta | None = None, io_threads: int | None = None):
         if block_size < 1 or rows < 1:
             raise ValueError(f"block_size={block_size} and rows={rows} must be positive")
-        self.tokens = Tokens(data_dir, split, io_threads=io_threads)  # None: 16 for gs://, 0 local
+        self.tokens = Tokens(data_dir, split, meta, io_threads)
         self.split, self.block_size, self.rows, self.seed = split, block_size, rows, seed
         self.window = block_size + 1
         # Offsets 0 .. n_tokens - block_size - 1, as nanoGPT's torch.randint(len(data) - block_size).
