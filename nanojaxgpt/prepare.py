@@ -134,6 +134,18 @@ def _publish(meta: Meta, local: Path, out: str, work_dir: str | None) -> Prepare
     return Prepared(meta, out, Path(work_dir) if work_dir else None, report)
 
 
+TINYSHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
+                       "tinyshakespeare/input.txt")
+
+
+def download_text(url: str = TINYSHAKESPEARE_URL) -> str:
+    """A text file from the internet (tiny-shakespeare by default, as nanoGPT downloads it)."""
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=60) as response:
+        return response.read().decode("utf-8")
+
+
 def prepare_char(text: str, out: str, *, work_dir: str | None = None, record_size: int = RECORD_SIZE,
                  shard_tokens: int = SHARD_TOKENS) -> Prepared:
     """nanoGPT's shakespeare_char: vocabulary = sorted set of characters; train = text[:int(n*0.9)]."""

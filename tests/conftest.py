@@ -17,7 +17,20 @@ import pytest  # noqa: E402
 
 from tests.gcs_server import GCSServer  # noqa: E402
 
-SHAKESPEARE = _SHARED / "data" / "tinyshakespeare.txt"
+_SHAKESPEARE = _SHARED / "data" / "tinyshakespeare.txt"
+
+
+def shakespeare() -> str:
+    """tiny-shakespeare: from ../shared when it is there (CI, offline), else downloaded once."""
+    if _SHAKESPEARE.is_file():
+        return _SHAKESPEARE.read_text()
+    cached = Path.home() / ".cache" / "nanojaxgpt" / "tinyshakespeare.txt"
+    if not cached.is_file():
+        from nanojaxgpt import prepare
+
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(prepare.download_text())
+    return cached.read_text()
 _bucket_ids = itertools.count()
 
 
@@ -38,6 +51,4 @@ def gcs(gcs_server, monkeypatch):
 
 @pytest.fixture
 def shakespeare_text() -> str:
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"{SHAKESPEARE} not present (tests use ../shared/data)")
-    return SHAKESPEARE.read_text()
+    return shakespeare()

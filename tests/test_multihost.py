@@ -23,7 +23,7 @@ import pytest
 
 from nanojaxgpt import checkpoint, config, prepare
 from tests import multihost_runs as mr
-from tests.conftest import SHAKESPEARE
+from tests.conftest import shakespeare
 
 TOLERANCE = dict(rtol=2e-5, atol=2e-5)  # float32: another mesh sums in another order
 HEARTBEAT_S = 5  # a dead peer makes the others exit within about this (--heartbeat_timeout_s)
@@ -56,7 +56,7 @@ def bucket(gcs_server, gcs_env) -> str:
 @pytest.fixture(scope="module")
 def data_dir(bucket) -> str:
     out = f"{bucket}/shakespeare_char"
-    prepare.prepare_char(SHAKESPEARE.read_text(), out)
+    prepare.prepare_char(shakespeare(), out)
     return out
 
 

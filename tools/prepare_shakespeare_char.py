@@ -7,25 +7,21 @@
 """
 
 import argparse
-import urllib.request
 
 from nanojaxgpt import prepare
-
-URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", default=None, help=f"the text file (default: download {URL})")
+    parser.add_argument("--input", default=None, help=f"the text file (default: download {prepare.TINYSHAKESPEARE_URL})")
     prepare.add_output_args(parser, default_out="data/shakespeare_char")
     args = parser.parse_args(argv)
     if args.input:
         with open(args.input, encoding="utf-8") as f:
             text = f.read()
     else:
-        print(f"downloading {URL}")
-        with urllib.request.urlopen(URL, timeout=60) as response:
-            text = response.read().decode("utf-8")
+        print(f"downloading {prepare.TINYSHAKESPEARE_URL}")
+        text = prepare.download_text()
     result = prepare.prepare_char(text, args.out, work_dir=args.work_dir, record_size=args.record_size,
                                   shard_tokens=args.shard_tokens)
     print(prepare.summary(result))
