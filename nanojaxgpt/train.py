@@ -6,6 +6,7 @@ checkpoint). Every host runs this same program; process 0 alone writes logs.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -28,17 +29,30 @@ log = logging.getLogger("nanojaxgpt.train")
 
 def _vocab_from_data(cfg: config.Config, meta: data.Meta) -> config.Config:
     """A model trained from scratch takes its vocabulary size from the prepared data."""
-    if cfg.train.init_from == "scratch" and cfg.model.vocab_size != meta.vocab_size:
+    if cfg.model.vocab_size != meta.vocab_size:
         log.info("vocab_size %d from %s/meta.json (config said %d)", meta.vocab_size,
                  cfg.data.data_dir, cfg.model.vocab_size)
         return config.replace(cfg, {"model.vocab_size": meta.vocab_size})
     return cfg
 
 
-def _eval_tokens(cfg: config.Config, split: str, batch_sh: NamedSharding) -> jax.Array:
+def _with_architecture(cfg: config.Config, arch: config.ModelConfig) -> config.Config:
+    """cfg with the model architecture of a pretrained checkpoint (run-time settings kept)."""
+    from nanojaxgpt import hf
+
+    model = dataclasses.replace(arch, **{k: getattr(cfg.model, k) for k in hf.RUNTIME_FIELDS})
+    if model != cfg.model:
+        log.info("model architecture from %s: n_layer=%d n_head=%d n_embd=%d block_size=%d "
+                 "vocab_size=%d", cfg.train.init_from, model.n_layer, model.n_head, model.n_embd,
+                 model.block_size, model.vocab_size)
+    return dataclasses.replace(cfg, model=model)
+
+
+def _eval_tokens(cfg: config.Config, meta: data.Meta, split: str,
+                 batch_sh: NamedSharding) -> jax.Array:
     """The fixed evaluation set of a split: eval_iters batches of batch_size windows."""
     batches = data.Batches(cfg.data.data_dir, split, block_size=cfg.model.block_size,
-                           rows=cfg.train.batch_size, seed=cfg.train.seed + 1)
+                           rows=cfg.train.batch_size, seed=cfg.train.seed + 1, meta=meta)
     shape = (cfg.train.eval_iters, cfg.train.batch_size, cfg.model.block_size + 1)
     n = cfg.train.batch_size
     return sharding.host_local_array(
@@ -65,8 +79,24 @@ def main(argv: list[str] | None = None) -> int:
         raise config.ConfigError(
             f"out_dir {cfg.train.out_dir}: bucket gs://{storage.GCSPath.parse(cfg.train.out_dir).bucket} "
             "does not exist; create it (gcloud storage buckets create gs://BUCKET) or fix --out_dir")
-    cfg = _vocab_from_data(cfg, meta)
+    ckpt = checkpoint.Checkpointer(cfg.train.out_dir, cfg.checkpoint)
+    resuming = ckpt.latest_step() is not None
+    pretrained = None
+    if cfg.train.init_from == "scratch":
+        cfg = _vocab_from_data(cfg, meta)
+    elif resuming:  # a fine-tuning run: its architecture is in its own checkpoint
+        cfg = _with_architecture(cfg, checkpoint.read_config(cfg.train.out_dir).model)
+    else:  # as nanoGPT: the architecture is the pretrained model's, not the config file's
+        from nanojaxgpt import hf
+
+        pretrained = hf.load(cfg.train.init_from,
+                             **{k: getattr(cfg.model, k) for k in hf.RUNTIME_FIELDS})
+        cfg = _with_architecture(cfg, pretrained.config)
     t, m = cfg.train, cfg.model
+    if meta.vocab_size > m.vocab_size:
+        raise config.ConfigError(
+            f"{cfg.data.data_dir} has {meta.vocab_size} token ids but the model "
+            f"({t.init_from}) only {m.vocab_size}: prepare the data with the model's tokenizer")
     log.info("config:\n%s", config.to_toml_like(cfg))
     rows = t.batch_size * t.gradient_accumulation_steps
     log.info("%d processes, %d devices, mesh %s; %d tokens per step (%d x %d x %d)",
@@ -74,16 +104,13 @@ def main(argv: list[str] | None = None) -> int:
              rows * m.block_size, t.gradient_accumulation_steps, t.batch_size, m.block_size)
 
     run = setup(cfg, mesh)
-    ckpt = checkpoint.Checkpointer(t.out_dir, cfg.checkpoint)
     start = 0
-    if ckpt.latest_step() is not None:
+    if resuming:
         restored = ckpt.restore(run.abstract)
         state, start = restored.state, int(restored.meta["data_step"])
         log.info("resumed from step %d (%s)", start, t.out_dir)
-    elif t.init_from != "scratch":
-        from nanojaxgpt import hf  # only fine-tuning needs it
-
-        state = run.from_params(eqx.filter(hf.load(t.init_from), eqx.is_array), cfg)
+    elif pretrained is not None:
+        state = run.from_params(eqx.filter(pretrained, eqx.is_array), cfg)
         log.info("initialised from %s", t.init_from)
     else:
         state = run.init(cfg)
@@ -97,13 +124,13 @@ def main(argv: list[str] | None = None) -> int:
                       sharding.replicated(mesh),
                       eval_group(t.eval_iters, t.batch_size // shards, m.block_size))
     batches = data.Batches(cfg.data.data_dir, "train", block_size=m.block_size, rows=rows,
-                           seed=t.seed)
+                           seed=t.seed, meta=meta)
     batch_shape = (t.gradient_accumulation_steps, t.batch_size, m.block_size + 1)
 
     def global_batch(step: int) -> jax.Array:
         return sharding.host_local_array(batch_shape, batch_sh, lambda r: batches.read(step, r))
 
-    eval_sets = {split: _eval_tokens(cfg, split, batch_sh) for split in ("train", "val")}
+    eval_sets = {split: _eval_tokens(cfg, meta, split, batch_sh) for split in ("train", "val")}
     tb = metrics.Metrics(t.out_dir, enabled=topo.process_index == 0,
                          resume_step=start)
     peak = metrics.peak_flops_per_device(jax.devices()[0])

@@ -18,10 +18,10 @@ MAX = "--max_iters=20"
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from tests.conftest import SHAKESPEARE
+    from tests.conftest import shakespeare
 
     out = tmp_path_factory.mktemp("data") / "shakespeare_char"
-    prepare.prepare_char(SHAKESPEARE.read_text(), str(out))
+    prepare.prepare_char(shakespeare(), str(out))
     return str(out)
 
 
@@ -131,3 +131,24 @@ def test_eval_only_evaluates_the_latest_checkpoint_and_trains_nothing(data_dir, 
     np.testing.assert_allclose(val[20], curve(reference["out"], "val/loss")[20], rtol=2e-5)
     steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [5, 10, 15, 20]  # nothing trained, nothing saved
+
+
+def test_fine_tune_takes_the_pretrained_architecture_and_resumes(data_dir, tmp_path):
+    """--init_from=HF_DIR as nanoGPT's init_from='gpt2': the architecture is the checkpoint's."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    hf_cfg = transformers.GPT2Config(vocab_size=80, n_positions=32, n_embd=48, n_layer=1, n_head=3)
+    hf_dir = tmp_path / "pretrained"
+    transformers.GPT2LMHeadModel(hf_cfg).save_pretrained(hf_dir)
+    out = tmp_path / "finetune"
+    first = run(data_dir, str(out), "--max_iters=4", f"--init_from={hf_dir}", devices=1)
+    assert f"initialised from {hf_dir}" in first.stderr
+    saved = json.loads((out / "config.json").read_text())["model"]
+    # TINY asks for 2 layers x 32 wide; the pretrained model has 1 x 48 and its own vocabulary.
+    assert (saved["n_layer"], saved["n_embd"], saved["n_head"], saved["vocab_size"]) == (1, 48, 3, 80)
+    assert saved["dropout"] == 0.1  # run-time settings still come from the command line
+    again = run(data_dir, str(out), "--max_iters=8", f"--init_from={hf_dir}", devices=1)
+    assert "resumed from step 4" in again.stderr
+    assert sorted(curve(out, "train/loss")) == list(range(8))
