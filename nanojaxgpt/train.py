@@ -22,7 +22,7 @@ from nanojaxgpt import checkpoint, config, data, distributed, metrics, sharding,
 from nanojaxgpt import model as gpt
 from nanojaxgpt.preemption import Preemption
 from nanojaxgpt.state import setup
-from nanojaxgpt.step import eval_group, jit_steps
+from nanojaxgpt.step import compile_ahead, eval_group, jit_steps
 
 log = logging.getLogger("nanojaxgpt.train")
 
@@ -104,6 +104,16 @@ def main(argv: list[str] | None = None) -> int:
              rows * m.block_size, t.gradient_accumulation_steps, t.batch_size, m.block_size)
 
     run = setup(cfg, mesh)
+    batch_sh = sharding.batch_sharding(mesh, 3, 1)  # [steps or micro-batches, batch, tokens]
+    batch_shape = (t.gradient_accumulation_steps, t.batch_size, m.block_size + 1)
+    eval_shape = (t.eval_iters, t.batch_size, m.block_size + 1)
+    steps = jit_steps(run.static, run.tx, cfg.optim, run.shardings, batch_sh, batch_sh,
+                      sharding.replicated(mesh),
+                      eval_group(t.eval_iters, t.batch_size // shards, m.block_size))
+    # Both steps compile in the background while the state is created or restored.
+    train_batch = jax.ShapeDtypeStruct(batch_shape, np.int32, sharding=batch_sh)
+    steps = compile_ahead(steps, run.abstract, None if t.eval_only else train_batch,
+                          jax.ShapeDtypeStruct(eval_shape, np.int32, sharding=batch_sh))
     start = 0
     if resuming:
         restored = ckpt.restore(run.abstract)
@@ -119,13 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(cfg.to_json())  # the resolved config, beside the checkpoints
 
-    batch_sh = sharding.batch_sharding(mesh, 3, 1)  # [steps or micro-batches, batch, tokens]
-    steps = jit_steps(run.static, run.tx, cfg.optim, run.shardings, batch_sh, batch_sh,
-                      sharding.replicated(mesh),
-                      eval_group(t.eval_iters, t.batch_size // shards, m.block_size))
     batches = data.Batches(cfg.data.data_dir, "train", block_size=m.block_size, rows=rows,
                            seed=t.seed, meta=meta)
-    batch_shape = (t.gradient_accumulation_steps, t.batch_size, m.block_size + 1)
 
     def global_batch(step: int) -> jax.Array:
         return sharding.host_local_array(batch_shape, batch_sh, lambda r: batches.read(step, r))

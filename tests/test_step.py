@@ -61,3 +61,68 @@ def test_eval_group_bounds_tokens_per_pass():
     assert step.eval_group(200, 12, 64) == 20  # 20 x 12 x 64 = 15,360 tokens <= 16,384
     assert step.eval_group(200, 12, 1024) == 1  # GPT-2 sized batches: one at a time
     assert step.eval_group(7, 1, 16) == 7
+
+
+def _mesh_steps(cfg):
+    from nanojaxgpt import sharding
+    from nanojaxgpt.state import setup
+
+    mesh = sharding.make_mesh(cfg.mesh)
+    run = setup(cfg, mesh)
+    batch_sh = sharding.batch_sharding(mesh, 3, 1)
+    steps = step.jit_steps(run.static, run.tx, cfg.optim, run.shardings, batch_sh, batch_sh,
+                           sharding.replicated(mesh), eval_group_size=2)
+    return run, steps, batch_sh
+
+
+def test_steps_compiled_ahead_equal_the_jitted_steps_on_a_mesh():
+    from nanojaxgpt import config
+
+    cfg = config.load(None, {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16,
+                             "vocab_size": 50, "batch_size": 8, "mesh.data": 2, "mesh.fsdp": 4})
+    run, steps, batch_sh = _mesh_steps(cfg)
+    rng = np.random.default_rng(0)
+    batches = [jax.device_put(rng.integers(0, 50, (1, 8, 17), dtype=np.int32), batch_sh)
+               for _ in range(3)]
+    eval_tokens = jax.device_put(rng.integers(0, 50, (4, 8, 17), dtype=np.int32), batch_sh)
+    ahead = step.compile_ahead(steps, run.abstract,
+                               jax.ShapeDtypeStruct((1, 8, 17), np.int32, sharding=batch_sh),
+                               jax.ShapeDtypeStruct((4, 8, 17), np.int32, sharding=batch_sh))
+
+    def trajectory(s):
+        state, losses = run.init(cfg), []
+        for tokens in batches:
+            state, out = s.train(state, tokens)
+            losses.append(float(out["loss"]))
+        return losses, float(s.evaluate(state["model"], eval_tokens)), state
+
+    plain_losses, plain_eval, plain_state = trajectory(steps)
+    ahead_losses, ahead_eval, ahead_state = trajectory(ahead)
+    assert plain_losses == ahead_losses and plain_eval == ahead_eval
+    for a, b in zip(jax.tree.leaves(plain_state), jax.tree.leaves(ahead_state)):
+        np.testing.assert_array_equal(a, b)
+        assert a.sharding == b.sharding
+    # The evaluation-only form compiles no train step, and still evaluates the same.
+    only_eval = step.compile_ahead(steps, run.abstract, None,
+                                   jax.ShapeDtypeStruct((4, 8, 17), np.int32, sharding=batch_sh))
+    assert only_eval.train is steps.train
+    assert float(only_eval.evaluate(plain_state["model"], eval_tokens)) == plain_eval
+
+
+def test_cpu_train_options_change_speed_not_results():
+    # The train step compiles with CPU_TRAIN_OPTIONS on CPU; without them it must compute the same.
+    from nanojaxgpt import config
+
+    cfg = config.load(None, {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16,
+                             "vocab_size": 50, "batch_size": 8})
+    run, steps, batch_sh = _mesh_steps(cfg)
+    plain = jax.jit(lambda s, t: step.train_step(s, t, static=run.static, tx=run.tx,
+                                                 optim_cfg=cfg.optim,
+                                                 param_shardings=run.shardings["model"]),
+                    in_shardings=(run.shardings, batch_sh))
+    tokens = jax.device_put(np.random.default_rng(1).integers(0, 50, (1, 8, 17), dtype=np.int32),
+                            batch_sh)
+    a, out_a = plain(run.init(cfg), tokens)
+    b, out_b = steps.train(run.init(cfg), tokens)
+    np.testing.assert_allclose(out_a["loss"], out_b["loss"], rtol=1e-6)
+    np.testing.assert_allclose(optax.tree.norm(a["model"]), optax.tree.norm(b["model"]), rtol=1e-6)
