@@ -89,13 +89,13 @@ def train_step(state: State, tokens: Int[Array, "A B T1"], *, static: PyTree,
     return new_state, metrics
 
 
-def eval_group(n_batches: int, batch_rows: int, block_size: int, max_tokens: int = 16384) -> int:
+def eval_group(n_batches: int, batch_rows: int, block_size: int, max_tokens: int = 4096) -> int:
     """How many eval batches to run as one forward pass: the most within `max_tokens` per device.
 
     Many small batches (the CPU recipe: 12 x 64 tokens, 200 of them) waste the machine on
-    per-call overhead, and one huge pass is memory-bound: measured on 2 CPU cores, 200 batches
-    took 1.67 s one at a time, 1.06-1.11 s in groups of 10-20, 2.61 s all at once.
-    GPT-2-sized batches (12 x 1024 tokens) run one at a time.
+    per-trip overhead, and a big pass falls out of the caches: measured on 2 CPU cores, 200
+    batches took 0.94 s one at a time, 0.84-0.85 s in groups of 4-5 (3-4k tokens per pass),
+    1.09 s in groups of 20 and 1.25 s in groups of 100. GPT-2-sized batches run one at a time.
     """
     fits = max(1, max_tokens // (batch_rows * block_size))
     return max(g for g in range(1, n_batches + 1) if n_batches % g == 0 and g <= fits)

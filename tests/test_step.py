@@ -58,7 +58,7 @@ def test_grouped_evaluation_equals_one_batch_at_a_time():
 
 
 def test_eval_group_bounds_tokens_per_pass():
-    assert step.eval_group(200, 12, 64) == 20  # 20 x 12 x 64 = 15,360 tokens <= 16,384
+    assert step.eval_group(200, 12, 64) == 5  # 5 x 12 x 64 = 3,840 tokens <= 4,096
     assert step.eval_group(200, 12, 1024) == 1  # GPT-2 sized batches: one at a time
     assert step.eval_group(7, 1, 16) == 7
 
