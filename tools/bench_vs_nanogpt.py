@@ -82,8 +82,12 @@ def main() -> None:
                     "--input", str(args.text), "--out", str(ours_data)], check=True,
                    stdout=subprocess.DEVNULL)
 
+    def fresh(out: Path) -> Path:  # a left-over run directory would be resumed, not re-run
+        shutil.rmtree(out, ignore_errors=True)
+        return out
+
     def nanogpt(seed: int, i: int) -> tuple[float, float]:
-        out = work / f"out-nanogpt-{seed}-{i}"
+        out = fresh(work / f"out-nanogpt-{seed}-{i}")
         wall, text = timed([sys.executable, "train.py", "config/train_shakespeare_char.py",
                             "--device=cpu", "--compile=False", f"--eval_iters={args.eval_iters or 20}",
                             "--log_interval=1", *common, f"--out_dir={out}"],
@@ -96,7 +100,7 @@ def main() -> None:
             extra.append(f"--seed={seed}")
         wall, text = timed([sys.executable, "-m", "nanojaxgpt.train",
                             str(REPO / "configs/shakespeare_char.toml"), *common, *extra,
-                            f"--data_dir={ours_data}", f"--out_dir={work / f'out-ours-{seed}-{i}'}"],
+                            f"--data_dir={ours_data}", f"--out_dir={fresh(work / f'out-ours-{seed}-{i}')}"],
                            REPO, work / f"ours-{seed}-{i}.log")
         return wall, last_val_loss(text)
 
