@@ -48,12 +48,11 @@ def _with_architecture(cfg: config.Config, arch: config.ModelConfig) -> config.C
     return dataclasses.replace(cfg, model=model)
 
 
-def _eval_tokens(cfg: config.Config, meta: data.Meta, split: str,
+def _eval_tokens(cfg: config.Config, meta: data.Meta, split: str, shape: tuple[int, int, int],
                  batch_sh: NamedSharding) -> jax.Array:
-    """The fixed evaluation set of a split: eval_iters batches of batch_size windows."""
+    """The fixed evaluation set of a split: `shape` = eval_iters batches of batch_size windows."""
     batches = data.Batches(cfg.data.data_dir, split, block_size=cfg.model.block_size,
                            rows=cfg.train.batch_size, seed=cfg.train.seed + 1, meta=meta)
-    shape = (cfg.train.eval_iters, cfg.train.batch_size, cfg.model.block_size + 1)
     n = cfg.train.batch_size
     return sharding.host_local_array(
         shape, batch_sh,
@@ -135,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     def global_batch(step: int) -> jax.Array:
         return sharding.host_local_array(batch_shape, batch_sh, lambda r: batches.read(step, r))
 
-    eval_sets = {split: _eval_tokens(cfg, meta, split, batch_sh) for split in ("train", "val")}
+    eval_sets = {split: _eval_tokens(cfg, meta, split, eval_shape, batch_sh)
+                 for split in ("train", "val")}
     tb = metrics.Metrics(t.out_dir, enabled=topo.process_index == 0,
                          resume_step=start)
     peak = metrics.peak_flops_per_device(jax.devices()[0])
