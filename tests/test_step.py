@@ -109,7 +109,7 @@ def test_steps_compiled_ahead_equal_the_jitted_steps_on_a_mesh():
     assert float(only_eval.evaluate(plain_state["model"], eval_tokens)) == plain_eval
 
 
-def test_cpu_train_options_change_speed_not_results():
+def test_cpu_train_options_do_not_change_results():
     # The train step compiles with CPU_TRAIN_OPTIONS on CPU; without them it must compute the same.
     from nanojaxgpt import config
 
