@@ -73,7 +73,7 @@ class Meta:
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
-        return json.dumps({"format": FORMAT, **d, "splits": dict(d["splits"])}, indent=1)
+        return json.dumps({"format": FORMAT, **d}, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> Meta:
@@ -218,7 +218,7 @@ class Batches:
     """Step-indexed global batches of `rows` windows of block_size+1 tokens from one split.
 
     `read(step, rows)` returns the given rows of that step's global batch; x = batch[:, :-1],
-    y = batch[:, 1:]. For a fixed validation set read steps 0..eval_iters-1 of the "val" split.
+    y = batch[:, 1:]. A fixed evaluation set is step 0 of a batch of eval_iters x batch_size rows.
     """
 
     def __init__(self, data_dir: str | Path, split: str, *, block_size: int, rows: int, seed: int,

@@ -23,7 +23,7 @@ TokenIds = Sequence[int] | Integer[np.ndarray, "..."] | Integer[jax.Array, "..."
 GPT2_EOT = 50256  # "<|endoftext|>", the last of GPT-2's 50257 tokens
 
 
-@runtime_checkable
+@runtime_checkable  # the tests type-check return values at run time (beartype)
 class Tokenizer(Protocol):
     name: str  # "char" or "gpt2", as written in meta.json
     vocab_size: int
@@ -45,7 +45,6 @@ class CharTokenizer:
         if bad or len(set(itos)) != len(itos):
             raise ValueError(f"char vocabulary must be distinct single characters; got {bad or list(itos)!r}")
         self.itos = tuple(itos)
-        self.stoi = {c: i for i, c in enumerate(self.itos)}
         self.vocab_size = len(self.itos)
         # Sorted code points -> ids, so encode_array() is one np.searchsorted over the whole text.
         points = np.array([ord(c) for c in self.itos], dtype=np.uint32)
