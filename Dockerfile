@@ -10,7 +10,8 @@ ENV PYTHONUNBUFFERED=1 \
 WORKDIR /opt/nanojaxgpt
 COPY pyproject.toml README.md ./
 COPY nanojaxgpt ./nanojaxgpt
-RUN pip install -e . "jax[cuda13]==$(pip show jax | sed -n 's/^Version: //p')" "datasets>=3" "huggingface-hub>=0.30"
+# One resolution: jax[cuda13] pins jaxlib and the CUDA plugin to the jax that pyproject allows.
+RUN pip install -e ".[hub]" "jax[cuda13]" "datasets>=3"
 COPY configs ./configs
 COPY tools ./tools
 COPY launch ./launch
