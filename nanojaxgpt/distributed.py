@@ -278,15 +278,6 @@ def initialize(cfg: DistributedConfig) -> Topology:
     return topo
 
 
-def is_main() -> bool:
-    """True on process 0, the one that logs, writes TensorBoard and prints progress."""
-    return jax.process_index() == 0
-
-
-class _ConsoleHandler(logging.StreamHandler):
-    """The handler setup_logging installs (and replaces when called again)."""
-
-
 def setup_logging(topology: Topology | None = None, level: int = logging.INFO) -> None:
     """Process 0 logs `level` and up; the others WARNING and up; "[process i/n]" when n > 1.
 
@@ -298,7 +289,7 @@ def setup_logging(topology: Topology | None = None, level: int = logging.INFO) -
     for handler in list(root.handlers):  # absl's and any basicConfig handler would print twice
         root.removeHandler(handler)
     prefix = f"[process {index}/{count}] " if count > 1 else ""
-    handler = _ConsoleHandler(sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(prefix + "%(asctime)s %(levelname)s %(message)s",
                                            datefmt="%H:%M:%S"))
     root.addHandler(handler)

@@ -7,7 +7,6 @@ The model only names its axes (nanojaxgpt.model.logical_axes); this module maps 
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -18,8 +17,6 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from nanojaxgpt.config import ConfigError, MeshConfig
-
-log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

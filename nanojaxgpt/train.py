@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config.load(path, argv[1:] if path else argv)
 
     topo = distributed.initialize(cfg.distributed)
-    distributed.setup_logging()
+    distributed.setup_logging(topo)
     mesh = sharding.make_mesh(cfg.mesh)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if cfg.train.batch_size % shards:
