@@ -124,14 +124,18 @@ def stream(model: GPT, prompt: Sequence[int], *, max_new_tokens: int, num_sample
                           f"got {min(prompt)}..{max(prompt)} (a tokenizer of another model?)")
     if temperature < 0:
         raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    # 0, None, or at least the vocabulary: no filter (as nanoGPT's min(top_k, vocab)).
+    filtered = top_k is not None and 0 < top_k < cfg.vocab_size
     opts = dict(temperature=jnp.float32(temperature), greedy=temperature == 0,
-                top_k=jnp.int32(top_k) if top_k and top_k > 0 else None)  # 0 or None: no filter
+                top_k=jnp.int32(top_k) if filtered else None)
     return _stream(model, list(prompt), max_new_tokens, num_samples, jax.random.key(seed), use_cache, opts)
 
 
 def _stream(model: GPT, prompt: list[int], max_new_tokens: int, num_samples: int, key: Array,
             use_cache: bool, opts: dict) -> Iterator[np.ndarray]:
-    if model.config.attention == "splash":  # TPU kernel tiles of 128 tokens; windows here are any size
+    # The portable kernel for any window length and dtype: splash wants 128-token tiles, cuDNN
+    # bf16/fp16 on a GPU, and a run directory keeps the kernel it was trained with.
+    if model.config.attention != "xla":
         model = with_runtime(model, attention="xla")
     block_size = model.config.block_size
     dec = kvcache.decoder(model) if use_cache else None

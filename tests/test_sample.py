@@ -138,3 +138,20 @@ def test_kth_largest_is_exact():
     find = jax.jit(sample.kth_largest)
     for k in (1, 2, 39, 40, 41, 200, 449, 450, 451, 500):
         np.testing.assert_array_equal(find(x, k), jax.lax.top_k(x, k)[0][:, -1], err_msg=str(k))
+
+
+def test_any_trained_kernel_samples_and_top_k_beyond_the_vocab_is_no_filter(model):
+    # A run trained with cuDNN attention keeps attention="cudnn" in its config; sampling in float32
+    # (or on a CPU) uses the portable kernel and gives the same tokens as an xla-kernel model.
+    from nanojaxgpt.model import with_runtime
+
+    cudnn = with_runtime(model, attention="cudnn")
+    ref = sample.generate(model, PROMPT, max_new_tokens=8, num_samples=2, top_k=5, seed=3)
+    np.testing.assert_array_equal(
+        sample.generate(cudnn, PROMPT, max_new_tokens=8, num_samples=2, top_k=5, seed=3), ref)
+    # top_k of the vocabulary or more filters nothing: the same draws as no top_k at all.
+    unfiltered = sample.generate(model, PROMPT, max_new_tokens=8, num_samples=2, seed=3)
+    for k in (CFG.vocab_size, 200):
+        np.testing.assert_array_equal(
+            sample.generate(model, PROMPT, max_new_tokens=8, num_samples=2, top_k=k, seed=3),
+            unfiltered)
