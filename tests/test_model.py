@@ -139,7 +139,7 @@ def test_bfloat16_compute_returns_float32_logits():
     bf16 = with_runtime(model, compute_dtype="bfloat16")
     out = _logits(bf16, idx)
     assert out.dtype == jnp.float32 and bf16.h.mlp.c_fc.weight.dtype == jnp.float32
-    np.testing.assert_allclose(out[:, :70], ref[:, :70], atol=5e-2)
+    np.testing.assert_allclose(out[:, :70], ref[:, :70], atol=5e-3)  # measured error ~1.1e-3
 
 
 def test_dropout_needs_a_key_and_is_off_in_inference():
