@@ -25,6 +25,7 @@ import queue
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -32,11 +33,21 @@ from collections.abc import Mapping
 from typing import SupportsFloat
 
 import jax
-from tensorboardX.proto.event_pb2 import Event, SessionLog
-from tensorboardX.record_writer import RecordWriter
-from tensorboardX.summary import scalar
 
-from nanojaxgpt import storage
+# tensorboardX's package __init__ imports torch where it is installed (1.1 s of every start on 2
+# CPU cores) only to accept torch tensors; we log Python floats. Hide torch for that one import.
+_torch_hidden = "torch" not in sys.modules
+if _torch_hidden:
+    sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError
+try:
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+    from tensorboardX.record_writer import RecordWriter
+    from tensorboardX.summary import scalar
+finally:
+    if _torch_hidden:
+        del sys.modules["torch"]
+
+from nanojaxgpt import storage  # noqa: E402
 
 _EVENT_NAME = re.compile(r"events\.out\.tfevents\.(\d{10})\.")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -201,3 +203,10 @@ def test_peak_flops_and_mfu():
     # GPT-2 124M: ~6 * 124e6 FLOPs per token; 100k tokens/s on 4 v4 chips
     assert metrics.mfu(6 * 124e6, 1e5, 4, 275e12) == pytest.approx(6 * 124e6 * 1e5 / (4 * 275e12))
     assert metrics.mfu(6 * 124e6, 1e5, 4, None) is None
+
+
+def test_import_leaves_torch_alone():
+    """tensorboardX would import torch (a second of start-up); torch stays importable after."""
+    code = ("import sys, nanojaxgpt.metrics; assert 'torch' not in sys.modules, 'torch imported'; "
+            "import torch; torch.zeros(1)")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
