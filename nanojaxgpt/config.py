@@ -35,7 +35,7 @@ class ModelConfig:
     mlp: Literal["gelu", "swiglu"] = "gelu"
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     position: Literal["learned", "rope"] = "learned"
-    attention: Literal["xla", "cudnn", "splash"] = "xla"  # kernel behind jax.nn.dot_product_attention
+    attention: Literal["xla", "cudnn", "splash"] = "xla"  # kernel: see nanojaxgpt/attention.py
     remat: Literal["none", "full", "dots"] = "none"  # activation checkpointing of each block
     scan_layers: bool = True  # lax.scan over stacked blocks: compile time flat in depth
     compute_dtype: Literal["float32", "bfloat16"] = "float32"  # parameters are always float32

@@ -114,16 +114,17 @@ def test_scan_unrolled_and_remat_agree():
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7, err_msg=str(runtime))
 
 
-def test_xla_and_splash_attention_match_reference():
+def test_attention_kernels_match_jax():
+    """attention="xla" (our einsum kernel) and the splash kernel against jax's own attention."""
     q, k, v = (jax.random.normal(jax.random.key(i), (128, 2, 16)) for i in range(3))  # splash: T % 128 == 0
-    ref = reference_attention(q, k, v, causal_mask(128))
-    xla = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
-    np.testing.assert_allclose(xla, ref, atol=1e-5)
+    want = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+    np.testing.assert_allclose(reference_attention(q, k, v, causal_mask(128)), want, atol=1e-5)
     bf = [a.astype(jnp.bfloat16) for a in (q, k, v)]
-    xla_bf16 = jax.nn.dot_product_attention(*bf, is_causal=True, implementation="xla")
-    np.testing.assert_allclose(xla_bf16.astype(jnp.float32), ref, atol=3e-2)
+    ours_bf16 = reference_attention(*bf, causal_mask(128))
+    assert ours_bf16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(ours_bf16.astype(jnp.float32), want, atol=3e-2)
     # The TPU kernel itself, run by the Pallas interpreter: same layout and scaling as the others.
-    np.testing.assert_allclose(splash_attention(q, k, v, interpret=True), ref, atol=1e-5)
+    np.testing.assert_allclose(splash_attention(q, k, v, interpret=True), want, atol=1e-5)
 
 
 def test_splash_is_a_clear_error_off_tpu():
