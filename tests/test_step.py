@@ -126,3 +126,23 @@ def test_cpu_train_options_do_not_change_results():
     b, out_b = steps.train(run.init(cfg), tokens)
     np.testing.assert_allclose(out_a["loss"], out_b["loss"], rtol=1e-6)
     np.testing.assert_allclose(optax.tree.norm(a["model"]), optax.tree.norm(b["model"]), rtol=1e-6)
+
+
+def test_cpu_init_options_give_bitwise_the_same_state():
+    # TrainSetup.init compiles with CPU_INIT_OPTIONS (a faster compile) on CPU: same bits as -O3.
+    from nanojaxgpt import config, state
+
+    cfg = config.load(None, {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16,
+                             "vocab_size": 50, "batch_size": 8, "mesh.data": 2, "mesh.fsdp": 4})
+    run, _, _ = _mesh_steps(cfg)
+    fast = run.init(cfg)
+
+    def fresh():  # TrainSetup.init's function, compiled with XLA's default options
+        model = gpt.GPT(cfg.model, key=jax.random.key(cfg.train.seed))
+        return step.init_state(eqx.filter(model, eqx.is_array), run.tx, cfg.train.seed)
+
+    default = jax.jit(fresh, out_shardings=run.shardings)()
+    assert state.CPU_INIT_OPTIONS  # the option is in use here
+    for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(default), strict=True):
+        np.testing.assert_array_equal(a, b)
+        assert a.sharding == b.sharding
