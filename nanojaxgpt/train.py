@@ -18,7 +18,7 @@ import numpy as np
 from etils import epath
 from jax.sharding import NamedSharding
 
-from nanojaxgpt import checkpoint, config, data, distributed, metrics, sharding, storage
+from nanojaxgpt import checkpoint, config, data, distributed, malloc, metrics, sharding, storage
 from nanojaxgpt import model as gpt
 from nanojaxgpt.preemption import Preemption
 from nanojaxgpt.state import setup
@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
 
     topo = distributed.initialize(cfg.distributed)
     distributed.setup_logging(topo)
+    if jax.default_backend() == "cpu":  # the steps' temporaries live in host memory
+        malloc.keep_freed_memory()
     mesh = sharding.make_mesh(cfg.mesh)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if cfg.train.batch_size % shards:
