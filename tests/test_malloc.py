@@ -39,8 +39,8 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 50)
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the settings are glibc's")
 def test_cpu_train_steps_do_not_page_fault():
-    # Measured here: 3 to 4.3 faults per step with the settings; with glibc's defaults 3 to 2,100,
-    # depending on how the heaps happen to lie (above 50 in 6 of 9 runs).
+    # Measured here, 6 runs each: 3.0 to 4.3 faults per step with the settings; with glibc's
+    # defaults 3.0 to 940, depending on how the heaps happen to lie (above 50 in 4 of the 6).
     out = subprocess.run([sys.executable, "-c", _STEPS], capture_output=True, text=True,
                          timeout=240, env=env_for(devices=1))
     assert out.returncode == 0, out.stderr[-2000:]
