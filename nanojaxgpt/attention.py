@@ -7,9 +7,10 @@ The kernel behind the softmax(q k^T / sqrt(D)) v is ModelConfig.attention:
            attention dropout (the fused kernels have none) and the KV cache's one-token decode step
   "cudnn"  jax.nn.dot_product_attention(implementation="cudnn"): cuDNN flash attention (NVIDIA, bf16/fp16)
   "splash" the Pallas TPU splash-attention kernel (TPU only)
-All three compute the same function. Heads-first einsums ("thd,shd->hts") rather than
-jax.nn.dot_product_attention(implementation="xla"): on 2 CPU cores the CPU quick-start train step
-takes 20.3 ms instead of 22.8 (its [B, T, K, G, H] layout costs transposes and a slow softmax-grad sum).
+All three compute the same function. Our einsums rather than jax.nn.dot_product_attention(
+implementation="xla"), measured on 2 CPU cores for the CPU quick start: a train step of 20.3 ms
+instead of 22.8 (jax's [B, T, K, G, H] layout costs transposes and a slow softmax-gradient sum),
+and 200 eval batches in 0.82 s, as fast as jax's (0.89 s without moving the heads first).
 """
 
 from __future__ import annotations
@@ -53,11 +54,13 @@ def reference_attention(q_THD: Array, k_SHD: Array, v_SHD: Array, mask_TS: Bool[
                         inference: bool = True) -> Array:
     """softmax(q k^T / sqrt(D) masked) v with float32 scores and softmax; dropout on the weights."""
     scale = 1.0 / np.sqrt(q_THD.shape[-1])
-    s_HTS = jnp.einsum("thd,shd->hts", q_THD, k_SHD, preferred_element_type=jnp.float32) * scale
+    # Heads first, explicitly: XLA:CPU then runs the batched matmuls without relayouts.
+    q_HTD, k_HSD, v_HSD = (jnp.swapaxes(a, 0, 1) for a in (q_THD, k_SHD, v_SHD))
+    s_HTS = jnp.einsum("htd,hsd->hts", q_HTD, k_HSD, preferred_element_type=jnp.float32) * scale
     s_HTS = jnp.where(mask_TS[None], s_HTS, jnp.finfo(jnp.float32).min)
     p_HTS = jax.nn.softmax(s_HTS, axis=-1)
     p_HTS = dropout(p_HTS, dropout_rate, key, inference).astype(v_SHD.dtype)
-    return jnp.einsum("hts,shd->thd", p_HTS, v_SHD)
+    return jnp.swapaxes(jnp.einsum("hts,hsd->htd", p_HTS, v_HSD), 0, 1)
 
 
 def causal_mask(t: int) -> Bool[Array, "T T"]:
