@@ -61,7 +61,9 @@ def bench(target: str, out_dir: str, n_params: float, repeats: int) -> list[Timi
                             state)
     config_json = Config().to_json()
     timings = []
-    for step in range(1, repeats + 1):
+    with checkpoint.Checkpointer(out_dir, CheckpointConfig()) as ckpt:
+        first = (ckpt.latest_step() or 0) + 1  # a reused --dir: save after what it holds
+    for step in range(first, first + repeats):
         with checkpoint.Checkpointer(out_dir, CheckpointConfig(keep_checkpoints=2)) as ckpt:
             t0 = time.perf_counter()
             ckpt.save(step, state, meta={"data_step": step}, config_json=config_json, force=True)
