@@ -126,15 +126,13 @@ class Checkpointer:
                  if self._pending is None or s != self._pending.step]
         return max(steps) if steps else None
 
-    def save(self, step: int, state: PyTree, *, meta: dict[str, Any], config_json: str,
-             force: bool = False) -> None:
-        """Start an async save; returns once the arrays are copied off the devices.
+    def save(self, step: int, state: PyTree, *, meta: dict[str, Any], config_json: str) -> None:
+        """Start an async save of `step` (the caller decides when: should_save, the end, a stop);
+        returns once the arrays are copied off the devices.
 
         Raises the error of a previous save that failed or ran past save_timeout_s.
         """
         self._settle(block=False)
-        if not (force or self.should_save(step)):
-            return
         if step in self._mngr.all_steps():
             if step not in self._unreadable:
                 log.info("checkpoint of step %d already in %s", step, self.directory)
@@ -158,7 +156,7 @@ class Checkpointer:
                                   config=ocp.args.JsonSave(config))
         started = time.monotonic()
         try:
-            self._mngr.save(step, args=args, force=True)  # force: we decided with should_save
+            self._mngr.save(step, args=args, force=True)  # force: the caller decided
         except Exception as e:
             raise CheckpointError(f"saving step {step} to {self.directory} failed: {e}") from e
         self._pending = _Pending(step, started)

@@ -174,12 +174,10 @@ def main(argv: list[str] | None = None) -> int:
             log.info(metrics.console_line(step, t.max_iters, values, now - first_done,
                                           step - start))
         if ckpt.should_save(step + 1) or step + 1 == t.max_iters:
-            ckpt.save(step + 1, state, meta={"data_step": step + 1}, config_json=cfg.to_json(),
-                      force=step + 1 == t.max_iters)
+            ckpt.save(step + 1, state, meta={"data_step": step + 1}, config_json=cfg.to_json())
             tb.flush(wait=True)  # logs are durable up to every checkpoint: a resume leaves no gap
         if preemption.should_stop(step + 1) and step + 1 < t.max_iters:
-            ckpt.save(step + 1, state, meta={"data_step": step + 1}, config_json=cfg.to_json(),
-                      force=True)
+            ckpt.save(step + 1, state, meta={"data_step": step + 1}, config_json=cfg.to_json())
             ckpt.wait()
             log.warning("preempted: saved a complete checkpoint of step %d in %s; run the same "
                         "command to resume", step + 1, t.out_dir)

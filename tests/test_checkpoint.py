@@ -91,7 +91,7 @@ def assert_bitwise_equal(a, b):
 
 
 def save(ck, step, state, **meta):
-    ck.save(step, state, meta={"data_step": step, **meta}, config_json=CFG.to_json(), force=True)
+    ck.save(step, state, meta={"data_step": step, **meta}, config_json=CFG.to_json())
 
 
 def test_round_trip_is_bitwise(tmp_path):
@@ -139,9 +139,10 @@ def test_keep_n_should_save_latest_step(tmp_path):
     with checkpoint.Checkpointer(str(tmp_path), cfg) as ck:
         assert [s for s in range(6) if ck.should_save(s)] == [2, 4]
         for step in range(1, 8):
-            ck.save(step, {"w": jnp.full((4,), step)}, meta={"data_step": step},
-                    config_json=CFG.to_json(), force=step == 7)  # 7: the end of the run
-        ck.save(7, {"w": jnp.zeros(4)}, meta={}, config_json=CFG.to_json(), force=True)  # no-op
+            if ck.should_save(step) or step == 7:  # 7: the end of the run
+                ck.save(step, {"w": jnp.full((4,), step)}, meta={"data_step": step},
+                        config_json=CFG.to_json())
+        ck.save(7, {"w": jnp.zeros(4)}, meta={}, config_json=CFG.to_json())  # no-op: step 7 exists
         ck.wait()
         assert ck.latest_step() == 7
         with pytest.raises(ValueError, match="JSON-serialisable"):
@@ -169,12 +170,11 @@ from nanojaxgpt.config import CheckpointConfig, Config
 out_dir, n = sys.argv[1], int(sys.argv[2])
 ck = checkpoint.Checkpointer(out_dir, CheckpointConfig())
 w = jax.random.normal(jax.random.key(0), (n,))
-ck.save(1, {"w": w + 1}, meta={"data_step": 1}, config_json=Config().to_json(), force=True)
+ck.save(1, {"w": w + 1}, meta={"data_step": 1}, config_json=Config().to_json())
 ck.wait()
 root = epath.Path(out_dir) / "checkpoints"
 for step in range(2, 20):
-    ck.save(step, {"w": w + step}, meta={"data_step": step}, config_json=Config().to_json(),
-            force=True)
+    ck.save(step, {"w": w + step}, meta={"data_step": step}, config_json=Config().to_json())
     while not ocp.path.step.is_path_finalized(root / str(step)):
         if any(p.name.startswith(str(step)) and (p / "state").exists() for p in root.iterdir()):
             print("MID-SAVE", step, flush=True)

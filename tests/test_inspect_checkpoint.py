@@ -73,7 +73,7 @@ def test_gcs_run(gcs, capsys):
     with checkpoint.Checkpointer(run, CheckpointConfig()) as ck:
         for step in (100, 200):
             ck.save(step, {"w": jnp.zeros((1000,))}, meta={"data_step": step},
-                    config_json=cfg.to_json(), force=True)
+                    config_json=cfg.to_json())
     assert inspect_checkpoint.main([run]) == 0
     table = rows(capsys.readouterr().out)
     assert [r[:2] for r in table] == [["100", "complete"], ["200", "complete"]]

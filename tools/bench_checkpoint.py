@@ -66,7 +66,7 @@ def bench(target: str, out_dir: str, n_params: float, repeats: int) -> list[Timi
     for step in range(first, first + repeats):
         with checkpoint.Checkpointer(out_dir, CheckpointConfig(keep_checkpoints=2)) as ckpt:
             t0 = time.perf_counter()
-            ckpt.save(step, state, meta={"data_step": step}, config_json=config_json, force=True)
+            ckpt.save(step, state, meta={"data_step": step}, config_json=config_json)
             t1 = time.perf_counter()
             ckpt.wait()
             t2 = time.perf_counter()
