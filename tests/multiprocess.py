@@ -30,6 +30,11 @@ REPO = Path(__file__).resolve().parents[1]
 _INHERITED_PREFIXES = ("JAX_", "SLURM_", "OMPI_", "TPU_", "MEGASCALE_", "XLA_FLAGS")
 
 
+def isolated_env() -> dict[str, str]:
+    """This process's environment without the variables above (a test on a SLURM or TPU node)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(_INHERITED_PREFIXES)}
+
+
 @dataclass(frozen=True)
 class Result:
     process_id: int
@@ -50,7 +55,7 @@ class Job:
         self._dir = tempfile.TemporaryDirectory(prefix="nanojaxgpt-mp-")
         script = Path(self._dir.name) / "child.py"
         script.write_text(textwrap.dedent(code))
-        base = {k: v for k, v in os.environ.items() if not k.startswith(_INHERITED_PREFIXES)}
+        base = isolated_env()
         base.update({
             "JAX_PLATFORMS": "cpu",
             "XLA_FLAGS": f"--xla_force_host_platform_device_count={local_device_count}",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -10,6 +9,8 @@ import time
 from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.multiprocess import isolated_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,7 +22,7 @@ TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_
 
 
 def env_for(devices: int, extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ)
+    env = isolated_env()
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["JAX_PLATFORMS"] = "cpu"
     env.update(extra or {})
