@@ -76,6 +76,11 @@ def named_shardings(mesh: Mesh, logical_tree: Any, shapes_tree: Any) -> Any:
                         logical_tree, shapes_tree)
 
 
+def on_cpu(mesh: Mesh) -> bool:
+    """The mesh is of CPU devices: XLA:CPU-only tuning applies (compiler options, malloc)."""
+    return mesh.devices.flat[0].platform == "cpu"
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

@@ -45,7 +45,7 @@ class TrainSetup:
             model = gpt.GPT(cfg.model, key=jax.random.key(cfg.train.seed))
             return init_state(eqx.filter(model, eqx.is_array), tx, cfg.train.seed)
 
-        on_cpu = self.shardings["step"].mesh.devices.flat[0].platform == "cpu"
+        on_cpu = sharding.on_cpu(self.shardings["step"].mesh)
         return jax.jit(fresh, out_shardings=self.shardings,
                        compiler_options=CPU_INIT_OPTIONS if on_cpu else None)()
 

@@ -64,9 +64,9 @@ def main(argv: list[str] | None = None) -> int:
 
     topo = distributed.initialize(cfg.distributed)
     distributed.setup_logging(topo)
-    if jax.default_backend() == "cpu":  # the steps' temporaries live in host memory
-        malloc.keep_freed_memory()
     mesh = sharding.make_mesh(cfg.mesh)
+    if sharding.on_cpu(mesh):  # the steps' temporaries live in host memory
+        malloc.keep_freed_memory()
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if cfg.train.batch_size % shards:
         raise config.ConfigError(
