@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
+import os
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -132,8 +134,12 @@ def _all_qualified() -> list[str]:
 
 
 def _suggest(name: str, choices: list[str]) -> str:
+    """The few closest keys (never the whole list): difflib's best three, however far."""
     close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
-    return f"did you mean {', '.join(close)}?" if close else f"valid keys: {', '.join(choices)}"
+    if close:
+        return f"did you mean {', '.join(close)}?"
+    nearest = difflib.get_close_matches(name, choices, n=3, cutoff=0.0)
+    return f"the nearest keys are {', '.join(nearest)} (all keys: nanojaxgpt/config.py)"
 
 
 def _resolve_key(key: str) -> tuple[str, str]:
@@ -209,35 +215,65 @@ def _field_types(section: str) -> dict[str, Any]:
     return typing.get_type_hints(SECTIONS[section])
 
 
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
 def _validate(cfg: Config) -> None:
-    m, t, o = cfg.model, cfg.train, cfg.optim
+    """Values, not only types: every key that can hold a wrong value is checked here."""
+    m, t, o, c, d = cfg.model, cfg.train, cfg.optim, cfg.checkpoint, cfg.distributed
+    for section, values in cfg.to_dict().items():
+        for key, value in values.items():
+            _check(not isinstance(value, float) or math.isfinite(value),
+                   f"{section}.{key}={value} must be a finite number")
     positive = {"model.block_size": m.block_size, "model.vocab_size": m.vocab_size,
-                "model.n_layer": m.n_layer, "model.n_head": m.n_head, "model.n_embd": m.n_embd,
+                "model.vocab_multiple": m.vocab_multiple, "model.n_layer": m.n_layer,
+                "model.n_head": m.n_head, "model.n_embd": m.n_embd,
                 "train.batch_size": t.batch_size,
                 "train.gradient_accumulation_steps": t.gradient_accumulation_steps,
                 "train.eval_interval": t.eval_interval, "train.eval_iters": t.eval_iters,
-                "train.log_interval": t.log_interval, "model.vocab_multiple": m.vocab_multiple,
-                "checkpoint.checkpoint_interval": cfg.checkpoint.checkpoint_interval,
-                "checkpoint.keep_checkpoints": cfg.checkpoint.keep_checkpoints}
+                "train.log_interval": t.log_interval,
+                "optim.learning_rate": o.learning_rate,
+                "checkpoint.checkpoint_interval": c.checkpoint_interval,
+                "checkpoint.keep_checkpoints": c.keep_checkpoints,
+                "checkpoint.save_timeout_s": c.save_timeout_s,
+                "distributed.initialization_timeout_s": d.initialization_timeout_s,
+                "distributed.heartbeat_timeout_s": d.heartbeat_timeout_s}
     for k, v in positive.items():
-        if v <= 0:
-            raise ConfigError(f"{k}={v} must be positive")
-    if m.n_embd % m.n_head:
-        raise ConfigError(f"model.n_embd={m.n_embd} must be divisible by model.n_head={m.n_head}")
-    if m.position == "rope" and m.head_dim % 2:
-        raise ConfigError(f"position='rope' needs an even head size; n_embd/n_head={m.head_dim}")
-    if not 0.0 <= m.dropout < 1.0:
-        raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
-    if t.max_iters < 0:
-        raise ConfigError(f"train.max_iters={t.max_iters} must be >= 0")
-    if o.min_lr > o.learning_rate:
-        raise ConfigError(f"optim.min_lr={o.min_lr} is above optim.learning_rate={o.learning_rate}")
+        _check(v > 0, f"{k}={v} must be positive")
+    non_negative = {"train.max_iters": t.max_iters, "optim.warmup_iters": o.warmup_iters,
+                    "optim.lr_decay_iters": o.lr_decay_iters, "optim.weight_decay": o.weight_decay,
+                    "optim.grad_clip": o.grad_clip}
+    for k, v in non_negative.items():
+        _check(v >= 0, f"{k}={v} must be >= 0")
+    _check(m.n_embd % m.n_head == 0,
+           f"model.n_embd={m.n_embd} must be divisible by model.n_head={m.n_head}")
+    _check(m.position != "rope" or m.head_dim % 2 == 0,
+           f"position='rope' needs an even head size; n_embd/n_head={m.head_dim}")
+    _check(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
+    _check(m.attention != "splash" or m.block_size % 128 == 0,
+           f"attention='splash' tiles the sequence in blocks of 128, but model.block_size="
+           f"{m.block_size}; use a multiple of 128 or attention='xla'")
+    _check(m.attention != "cudnn" or m.compute_dtype == "bfloat16",
+           f"attention='cudnn' (cuDNN flash attention) runs in bfloat16, but model.compute_dtype="
+           f"{m.compute_dtype!r}; set --compute_dtype=bfloat16 or --attention=xla")
+    _check(0.0 <= o.min_lr <= o.learning_rate,
+           f"optim.min_lr={o.min_lr} must be in [0, optim.learning_rate={o.learning_rate}]")
+    for k in ("beta1", "beta2"):
+        v = getattr(o, k)
+        _check(0.0 <= v < 1.0, f"optim.{k}={v} must be in [0, 1)")
+    _check(not o.decay_lr or o.warmup_iters <= o.lr_decay_iters,
+           f"optim.warmup_iters={o.warmup_iters} must be <= optim.lr_decay_iters="
+           f"{o.lr_decay_iters} (the schedule decays after the warmup)")
+    for k in ("data.data_dir", "train.out_dir", "train.init_from"):
+        section, key = k.split(".")
+        _check(bool(str(getattr(getattr(cfg, section), key)).strip()), f"{k} must not be empty")
     for axis in ("data", "fsdp", "tensor"):
         v = getattr(cfg.mesh, axis)
-        if v == 0 or v < -1:
-            raise ConfigError(f"mesh.{axis}={v} must be a positive device count or -1 (the rest)")
-    if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
-        raise ConfigError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+        _check(v > 0 or v == -1, f"mesh.{axis}={v} must be a positive device count or -1 (the rest)")
+    _check([cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) <= 1,
+           "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
 
 
 def from_dict(values: dict[str, Any], source: str = "config") -> Config:
@@ -295,7 +331,21 @@ def load(path: str | Path | None, overrides: list[str] | dict[str, Any] = ()) ->
         overrides = parse_overrides(list(overrides))
     if overrides:
         cfg = replace(cfg, overrides, source="command line")
-    return cfg
+    return resolve_paths(cfg)
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """data_dir, out_dir and a local init_from as absolute paths (gs:// and model names as they
+    are), so the run and everything it saves mean the same place whatever the working directory."""
+    from nanojaxgpt.storage import absolute
+
+    init_from = cfg.train.init_from  # "scratch", a GPT-2 name, or a directory
+    if os.path.exists(init_from) or os.sep in init_from or init_from.startswith((".", "~")):
+        init_from = absolute(init_from)
+    return dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, data_dir=absolute(cfg.data.data_dir)),
+        train=dataclasses.replace(cfg.train, out_dir=absolute(cfg.train.out_dir),
+                                  init_from=init_from))
 
 
 def replace(cfg: Config, overrides: dict[str, Any], source: str = "overrides") -> Config:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import functools
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -18,6 +19,18 @@ GCS_PREFIX = "gs://"
 
 def is_gcs(path: str) -> bool:
     return str(path).startswith(GCS_PREFIX)
+
+
+def absolute(path: str) -> str:
+    """A local path made absolute (and ~ expanded) against the current directory; gs:// as is.
+
+    Orbax and tensorstore refuse relative paths, and a resolved path stays right when the
+    working directory changes, so paths a user types are resolved once, where they come in.
+    """
+    path = str(path)
+    if is_gcs(path):
+        return path
+    return os.path.abspath(os.path.expanduser(path))
 
 
 def join(directory: str, name: str) -> str:

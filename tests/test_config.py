@@ -75,3 +75,59 @@ def test_json_round_trip():
     again = config.from_json(cfg.to_json())
     assert again == cfg
     assert json.loads(cfg.to_json())["model"]["n_layer"] == 2
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--learning_rate=0", "optim.learning_rate=0.0 must be positive"),
+    ("--learning_rate=-1e-3", "must be positive"),
+    ("--learning_rate=nan", "optim.learning_rate=nan must be a finite number"),
+    ("--min_lr=-1e-5", r"optim.min_lr=-1e-05 must be in \[0, optim.learning_rate"),
+    ("--min_lr=1e-2", r"optim.min_lr=0.01 must be in \[0, optim.learning_rate=0.0006\]"),
+    ("--beta1=1.0", r"optim.beta1=1.0 must be in \[0, 1\)"),
+    ("--beta2=-0.1", r"optim.beta2=-0.1 must be in \[0, 1\)"),
+    ("--grad_clip=-1", "optim.grad_clip=-1.0 must be >= 0"),
+    ("--weight_decay=-0.1", "optim.weight_decay=-0.1 must be >= 0"),
+    ("--warmup_iters=700000", "optim.warmup_iters=700000 must be <= optim.lr_decay_iters=600000"),
+    ("--warmup_iters=-1", "optim.warmup_iters=-1 must be >= 0"),
+    ("--eval_iters=0", "train.eval_iters=0 must be positive"),
+    ("--log_interval=0", "train.log_interval=0 must be positive"),
+    ("--max_iters=-5", "train.max_iters=-5 must be >= 0"),
+    ("--save_timeout_s=0", "checkpoint.save_timeout_s=0.0 must be positive"),
+    ("--heartbeat_timeout_s=0", "distributed.heartbeat_timeout_s=0 must be positive"),
+    ("--dropout=1.0", r"model.dropout=1.0 must be in \[0, 1\)"),
+    ("--out_dir= ", "train.out_dir must not be empty"),
+    ("--attention=splash", "attention='splash' tiles the sequence in blocks of 128, but model.block_size=100"),
+    ("--attention=cudnn", "attention='cudnn' .* runs in bfloat16"),
+])
+def test_values_are_checked_not_only_types(override, message):
+    with pytest.raises(ConfigError, match=message):
+        config.load(None, ["--block_size=100", override])
+
+
+def test_schedule_checks_follow_decay_lr():
+    # Without decay the warmup may outlast lr_decay_iters: the schedule is the constant rate.
+    cfg = config.load(None, ["--decay_lr=false", "--warmup_iters=10", "--lr_decay_iters=5"])
+    assert cfg.optim.warmup_iters == 10
+
+
+def test_a_misspelt_key_lists_a_few_keys_never_all():
+    with pytest.raises(ConfigError) as e:
+        config.load(None, ["--zzqqxx=1"])
+    listed = str(e.value).split("the nearest keys are ")[1].split(" (")[0].split(", ")
+    assert len(listed) == 3 and all(k in config._all_qualified() or "." not in k for k in listed)
+    assert len(str(e.value)) < 200
+
+
+def test_local_paths_are_resolved_once_at_load(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "ft").mkdir(parents=True)
+    cfg = config.load(None, ["--out_dir=out-x", "--data_dir=data/x", "--init_from=runs/ft"])
+    assert cfg.train.out_dir == str(tmp_path / "out-x")
+    assert cfg.data.data_dir == str(tmp_path / "data" / "x")
+    assert cfg.train.init_from == str(tmp_path / "runs" / "ft")
+    # Saved resolved: the saved config means the same place from any working directory.
+    assert config.from_json(cfg.to_json()).train.out_dir == str(tmp_path / "out-x")
+    cloud = config.load(None, ["--out_dir=gs://b/run", "--data_dir=gs://b/data", "--init_from=gpt2"])
+    assert (cloud.train.out_dir, cloud.data.data_dir, cloud.train.init_from) == (
+        "gs://b/run", "gs://b/data", "gpt2")
+    assert config.load(None, ["--out_dir=~/r"]).train.out_dir == str(Path.home() / "r")
