@@ -29,6 +29,7 @@ multihost_utils.reached_preemption_sync_point); Preemption replaces it, so creat
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from types import FrameType
@@ -39,6 +40,23 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 log = logging.getLogger(__name__)
+
+
+def exit_during_startup(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
+    """Until Preemption() takes over at the first step, SIGTERM or Ctrl-C ends the process at once
+    with exit code 0: nothing is trained yet, so nothing needs saving. The exit does not wait for
+    the steps' compilation in their background threads. Call again after
+    jax.distributed.initialize(), which installs its own SIGTERM handler."""
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        log.warning("received %s during start-up, before the first step: nothing to save; exiting",
+                    signal.Signals(signum).name)
+        logging.shutdown()
+        os._exit(0)
+
+    if threading.current_thread() is threading.main_thread():
+        for s in signals:
+            signal.signal(s, handle)
 
 
 class Preemption:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import sys
 import time
 
@@ -17,10 +16,12 @@ import jax
 import numpy as np
 from etils import epath
 from jax.sharding import NamedSharding
+from jaxtyping import PyTree
 
 from nanojaxgpt import checkpoint, config, data, distributed, malloc, metrics, sharding, storage
 from nanojaxgpt import model as gpt
-from nanojaxgpt.preemption import Preemption
+from nanojaxgpt.cli import hard_exit, run_command
+from nanojaxgpt.preemption import Preemption, exit_during_startup
 from nanojaxgpt.state import setup
 from nanojaxgpt.step import compile_ahead, eval_group, jit_steps
 
@@ -57,12 +58,38 @@ def _eval_tokens(cfg: config.Config, meta: data.Meta, split: str, shape: tuple[i
     return sharding.host_local_array(shape, batch_sh, lambda rows: batches.read(0, rows))
 
 
+class Diverged(RuntimeError):
+    """The loss or the gradient norm is not finite: the run stops before it saves a bad state."""
+
+    exit_code = 1
+
+
+def _check_finite(step: int, values: dict[str, float], ckpt: checkpoint.Checkpointer) -> None:
+    """Raise Diverged unless the loss and gradient norm of `step` are finite.
+
+    A finite gradient norm at step s means the update of step s was finite, so the state after it
+    (the one a checkpoint of step s + 1 would hold) is finite too.
+    """
+    bad = {k: values[k] for k in ("loss", "grad_norm") if not np.isfinite(values[k])}
+    if not bad:
+        return
+    ckpt.wait()  # the last good save, if one is in flight, completes
+    last = ckpt.latest_step()
+    saved = (f"the last checkpoint is step {last} in {ckpt.directory}" if last is not None
+             else "no checkpoint was written")
+    raise Diverged(f"step {step}: " + ", ".join(f"{k} is {v}" for k, v in bad.items())
+                   + f"; the run diverged and stopped without saving; {saved}. To continue, run the "
+                   "same command with a lower --learning_rate (README: 'When a run diverges')")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    exit_during_startup()
     path = argv[0] if argv and not argv[0].startswith("--") else None
     cfg = config.load(path, argv[1:] if path else argv)
 
     topo = distributed.initialize(cfg.distributed)
+    exit_during_startup()  # jax.distributed installs its own SIGTERM handler
     distributed.setup_logging(topo)
     mesh = sharding.make_mesh(cfg.mesh)
     if sharding.on_cpu(mesh):  # the steps' temporaries live in host memory
@@ -139,52 +166,65 @@ def main(argv: list[str] | None = None) -> int:
                          resume_step=start)
     peak = metrics.peak_flops_per_device(jax.devices()[0])
     flops_per_token = gpt.flops_per_token(m)
-    preemption = Preemption()
 
-    def evaluate(step: int) -> None:
-        losses = {s: float(steps.evaluate(state["model"], toks)) for s, toks in eval_sets.items()}
+    def evaluate(step: int, model: PyTree) -> None:
+        losses = {s: float(steps.evaluate(model, toks)) for s, toks in eval_sets.items()}
         log.info("step %d: train loss %.4f, val loss %.4f", step, losses["train"], losses["val"])
         tb.scalars(step, {"val/loss": losses["val"], "eval/train_loss": losses["train"]})
 
     if t.eval_only:  # nanoGPT's eval_only: evaluate the restored (or initial) model and stop
-        evaluate(start)
+        evaluate(start, state["model"])
         ckpt.close()
         tb.close()
         return 0
     tokens = global_batch(start) if start < t.max_iters else None
     last_log_step, last_log_time, first_done = start, time.time(), None
-    for step in range(start, t.max_iters):
-        if step % t.eval_interval == 0:
-            evaluate(step)
-        state, out = steps.train(state, tokens)
-        if step + 1 < t.max_iters:
-            tokens = global_batch(step + 1)  # read while the step runs (async dispatch)
-        if step % t.log_interval == 0 or step + 1 == t.max_iters:
-            vals = {k: float(v) for k, v in jax.device_get(out).items()}  # waits for the step
-            now = time.time()
-            dt = (now - last_log_time) / (step + 1 - last_log_step)  # the first includes compiling
-            last_log_step, last_log_time = step + 1, now
-            first_done = first_done or now  # pace (for the ETA) counts from after the first step
-            tps = rows * m.block_size / dt
-            values = {"train/loss": vals["loss"], "train/lr": vals["lr"],
-                      "train/grad_norm": vals["grad_norm"], "perf/tokens_per_sec": tps,
-                      "perf/step_time_ms": dt * 1e3,
-                      "perf/mfu": metrics.mfu(flops_per_token, tps, topo.global_device_count, peak)}
-            tb.scalars(step, values)
-            log.info(metrics.console_line(step, t.max_iters, values, now - first_done,
-                                          step - start))
-        if ckpt.should_save(step + 1) or step + 1 == t.max_iters:
-            ckpt.save(step + 1, state, meta={"data_step": step + 1}, config_json=cfg.to_json())
-            tb.flush(wait=True)  # logs are durable up to every checkpoint: a resume leaves no gap
-        if preemption.should_stop(step + 1) and step + 1 < t.max_iters:
-            ckpt.save(step + 1, state, meta={"data_step": step + 1}, config_json=cfg.to_json())
-            ckpt.wait()
-            log.warning("preempted: saved a complete checkpoint of step %d in %s; run the same "
-                        "command to resume", step + 1, t.out_dir)
-            break
-    else:
-        if t.max_iters % t.eval_interval == 0:
-            evaluate(t.max_iters)
+    preemption = Preemption()  # from here on a stop signal saves the step every host agrees on
+    try:
+        for step in range(start, t.max_iters):
+            if step % t.eval_interval == 0:
+                evaluate(step, state["model"])
+            state, out = steps.train(state, tokens)
+            done = step + 1
+            if done < t.max_iters:
+                tokens = global_batch(done)  # read while the step runs (async dispatch)
+            stop = preemption.should_stop(done) and done < t.max_iters
+            save = ckpt.should_save(done) or done == t.max_iters or stop
+            log_now = step % t.log_interval == 0 or done == t.max_iters
+            if log_now or save:  # a save waits for the state anyway; a log step for its metrics
+                vals = {k: float(v) for k, v in jax.device_get(out).items()}
+                _check_finite(step, vals, ckpt)
+            if log_now:
+                now = time.time()
+                dt = (now - last_log_time) / (done - last_log_step)  # the first includes compiling
+                last_log_step, last_log_time = done, now
+                first_done = first_done or now  # pace (for the ETA) counts from after the first step
+                tps = rows * m.block_size / dt
+                values = {"train/loss": vals["loss"], "train/lr": vals["lr"],
+                          "train/grad_norm": vals["grad_norm"], "perf/tokens_per_sec": tps,
+                          "perf/step_time_ms": dt * 1e3,
+                          "perf/mfu": metrics.mfu(flops_per_token, tps, topo.global_device_count,
+                                                  peak)}
+                tb.scalars(step, values)
+                log.info(metrics.console_line(step, t.max_iters, values, now - first_done,
+                                              step - start))
+            if save:
+                ckpt.save(done, state, meta={"data_step": done}, config_json=cfg.to_json())
+                tb.flush(wait=True)  # logs are durable up to every checkpoint: a resume leaves no gap
+            if stop:
+                ckpt.wait()
+                log.warning("preempted: saved a complete checkpoint of step %d in %s; run the same "
+                            "command to resume", done, t.out_dir)
+                break
+        else:
+            if t.max_iters % t.eval_interval == 0:
+                evaluate(t.max_iters, state["model"])
+    except Diverged:
+        tb.close()  # the points up to the divergence stay in TensorBoard
+        ckpt.close()
+        raise
+    finally:
+        preemption.close()
     ckpt.wait()
     ckpt.close()
     tb.close()
@@ -192,16 +232,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    try:
-        sys.exit(main(argv))
-    except (config.ConfigError, data.DataError, distributed.DistributedError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except checkpoint.CheckpointTimeoutError as e:
-        # The stuck writer threads are not daemons: exit now, so a launcher can restart the job.
-        log.error("%s", e)
-        logging.shutdown()
-        os._exit(1)
+    # hard_exit: an error must not wait for a compile or a stalled write in a worker thread.
+    run_command(main, argv, errors=(config.ConfigError, data.DataError, distributed.DistributedError,
+                                checkpoint.CheckpointError, metrics.MetricsError, Diverged),
+            exit=hard_exit)
 
 
 if __name__ == "__main__":
