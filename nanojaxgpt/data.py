@@ -86,11 +86,13 @@ class Meta:
         return cls(**d, splits=splits, itos=tuple(itos) if itos is not None else None)
 
 
-def prepare_command(data_dir: str) -> str:
-    """The command that creates `data_dir`, guessed from its name."""
+def prepare_command(data_dir: str, tokenizer: str | None = None) -> str:
+    """The command that (re)creates `data_dir`: by the tokenizer its meta.json names, else by its
+    folder name (char-level data comes from prepare_shakespeare_char.py, whatever the text)."""
     name = str(data_dir).rstrip("/").rsplit("/", 1)[-1]
-    if "shakespeare" in name:
-        return f"python tools/prepare_shakespeare_char.py --out {data_dir}"
+    if tokenizer == "char" or (tokenizer is None and ("char" in name or "shakespeare" in name)):
+        source = "" if name == "shakespeare_char" else " --input YOUR_TEXT.txt"
+        return f"python tools/prepare_shakespeare_char.py{source} --out {data_dir}"
     if "openwebtext" in name:
         return f"python tools/prepare_openwebtext.py --out {data_dir}"
     return f"python tools/prepare_text.py --input YOUR_FILES.txt --out {data_dir}"
@@ -103,6 +105,10 @@ def read_meta(data_dir: str | Path) -> Meta:
     except FileNotFoundError:
         raise DataError(f"no prepared data in {data_dir}: {path} does not exist. "
                         f"Create it with: {prepare_command(str(data_dir))}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not text (byte {e.start} is not UTF-8): it is damaged or not a "
+                        f"nanojaxgpt meta file; prepare the data again: "
+                        f"{prepare_command(str(data_dir))}") from None
     try:
         return Meta.from_json(text)
     except (ValueError, KeyError, TypeError) as e:
@@ -139,7 +145,7 @@ class Tokens:
         self.n_records = sum(s.records for s in info.shards)
         if not self.n_tokens:
             raise DataError(f"split {split!r} of {self.data_dir} is empty; prepare it with more data")
-        _check_shards(self.data_dir, info.shards)
+        _check_shards(self.data_dir, info.shards, self.meta.tokenizer)
         # "path[0:N]" tells array_record the record count, so no shard is opened (a GCS round trip
         # each) until it is read.
         self._source = grain.sources.ArrayRecordDataSource(
@@ -167,12 +173,24 @@ class Tokens:
         rows = np.take_along_axis(slot, pos // R, axis=1)
         return records[rows, pos % R].astype(np.int32)
 
+    def _shard_of(self, keys: np.ndarray) -> str:
+        """The shard(s) holding these records (the one that failed is among them)."""
+        shards = self.meta.splits[self.split].shards
+        ends = np.cumsum([s.records for s in shards])
+        names = sorted({shards[i].name for i in np.searchsorted(ends, keys, side="right")})
+        return " or ".join(f"shard {storage.join(self.data_dir, n)}" for n in names[:3])
+
     def _read_records(self, keys: np.ndarray) -> np.ndarray:
         """[len(keys), record_size] tokens; the split's short last record is zero-filled at its end."""
-        if self._pool is None:
-            raw = [self._source[k] for k in keys.tolist()]
-        else:
-            raw = list(self._pool.map(self._source.__getitem__, keys.tolist()))
+        try:
+            if self._pool is None:
+                raw = [self._source[k] for k in keys.tolist()]
+            else:
+                raw = list(self._pool.map(self._source.__getitem__, keys.tolist()))
+        except RuntimeError as e:  # Riegeli: "Corrupted Riegeli/records file: ... hash mismatch"
+            raise DataError(f"{self._shard_of(keys)} cannot be read ({str(e).splitlines()[0][:200]}): "
+                            "the file is damaged; copy it again or prepare the data again: "
+                            f"{prepare_command(self.data_dir, self.meta.tokenizer)}") from e
         R, size = self.record_size, self.dtype.itemsize
         joined = b"".join(raw)
         if len(joined) == len(keys) * R * size:  # every record full: one copy-free reshape
@@ -188,13 +206,13 @@ class Tokens:
         return out
 
 
-def _check_shards(data_dir: str, shards: Sequence[Shard]) -> None:
+def _check_shards(data_dir: str, shards: Sequence[Shard], tokenizer: str) -> None:
     sizes = storage.file_sizes(data_dir)
     for s in shards:
         path = storage.join(data_dir, s.name)
         if s.name not in sizes:
             raise DataError(f"shard {path} listed in {storage.join(data_dir, META)} is missing; "
-                            f"copy it again or prepare the data again: {prepare_command(data_dir)}")
+                            f"copy it again or prepare the data again: {prepare_command(data_dir, tokenizer)}")
         if sizes[s.name] != s.bytes:
             raise DataError(f"shard {path} has {sizes[s.name]} bytes but meta.json says {s.bytes} "
                             f"(an interrupted copy?); copy it again or prepare the data again")

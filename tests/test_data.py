@@ -122,6 +122,38 @@ def test_missing_or_damaged_data_errors(prepared, tmp_path):
         data.Batches(d, "train", block_size=8, rows=1, seed=0)
 
 
+def test_hints_name_the_tool_that_makes_the_data(tmp_path):
+    assert data.prepare_command("data/shakespeare_char") == (
+        "python tools/prepare_shakespeare_char.py --out data/shakespeare_char")
+    for char_dir in ("data/poems_char", "data/shakespeare_words"):  # char-level, any text
+        assert data.prepare_command(char_dir).startswith(
+            "python tools/prepare_shakespeare_char.py --input YOUR_TEXT.txt")
+    assert "prepare_shakespeare_char.py --input" in data.prepare_command("data/mine", "char")
+    assert "prepare_openwebtext.py" in data.prepare_command("gs://b/openwebtext", "gpt2")
+    assert "prepare_text.py" in data.prepare_command("data/mine", "gpt2")
+
+
+def test_meta_that_is_not_text_is_a_data_error(prepared):
+    d, _ = prepared
+    (d / "meta.json").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    with pytest.raises(data.DataError, match=f"{d / 'meta.json'} is not text .*prepare"):
+        data.read_meta(d)
+
+
+def test_a_shard_whose_records_fail_their_hash_is_named(prepared):
+    d, _ = prepared
+    shard = d / "train-00005-of-00123.array_record"
+    raw = bytearray(shard.read_bytes())
+    raw[200] ^= 0x10  # inside the first chunk's data: same size, so only Riegeli's hash sees it
+    shard.write_bytes(bytes(raw))
+    b = data.Batches(d, "train", block_size=64, rows=8, seed=0)
+    record = 5 * (SHARD // RECORD)  # the first record of shard 5
+    offsets = np.array([record * RECORD + 3])
+    with pytest.raises(data.DataError, match=f"shard {shard} cannot be read .*hash mismatch.*damaged"):
+        b.tokens.windows(offsets, 65)
+    assert b.tokens.windows(offsets - 5 * RECORD, 65).shape == (1, 65)  # other shards still read
+
+
 def test_gcs_reads_equal_local(gcs, shakespeare_text, tmp_path):
     out = f"{gcs}/sc"
     prepare.prepare_char(shakespeare_text[:200_000], out, work_dir=str(tmp_path), record_size=RECORD,
