@@ -138,12 +138,32 @@ TINYSHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/mast
                        "tinyshakespeare/input.txt")
 
 
+class PrepareError(ValueError):
+    """Input the prepare tools cannot use; the message says what to pass instead."""
+
+
 def download_text(url: str = TINYSHAKESPEARE_URL) -> str:
     """A text file from the internet (tiny-shakespeare by default, as nanoGPT downloads it)."""
     import urllib.request
 
-    with urllib.request.urlopen(url, timeout=60) as response:
-        return response.read().decode("utf-8")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            return response.read().decode("utf-8")
+    except OSError as e:  # offline, DNS, proxy, timeout: urllib's errors are all OSErrors
+        reason = getattr(e, "reason", e)
+        raise PrepareError(f"cannot download {url} ({reason}); this machine may be offline: "
+                           "download the file elsewhere and pass it with --input FILE") from None
+
+
+def read_input(path: str) -> str:
+    """The text of a local --input file, or a PrepareError naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise PrepareError(f"--input {path} is not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise PrepareError(f"--input {path}: {e.strerror}") from None
 
 
 def prepare_char(text: str, out: str, *, work_dir: str | None = None, record_size: int = RECORD_SIZE,
@@ -275,9 +295,9 @@ class TextFiles:
 
 def add_output_args(parser: argparse.ArgumentParser, default_out: str | None) -> None:
     """The options every tools/prepare_*.py shares."""
-    parser.add_argument("--out", default=default_out,
+    parser.add_argument("--out", default=default_out, type=storage.absolute,
                         help=f"local folder or gs://bucket/path (default: {default_out or 'data/<input>'})")
-    parser.add_argument("--work_dir", default=None,
+    parser.add_argument("--work_dir", default=None, type=storage.absolute,
                         help="local staging folder for a gs:// --out (default: a temporary one)")
     parser.add_argument("--record_size", type=int, default=RECORD_SIZE, help="tokens per record")
     parser.add_argument("--shard_tokens", type=int, default=SHARD_TOKENS, help="tokens per shard file")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -30,6 +31,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from nanojaxgpt import kvcache, storage
+from nanojaxgpt.cli import one_line, split_debug
 from nanojaxgpt.model import GPT, with_runtime
 
 _MIN_WINDOW = 16  # smallest padded window: tiny prompts share one compilation
@@ -180,6 +182,8 @@ def load_model(init_from: str, out_dir: str = "out") -> Loaded:
 
     if init_from == "resume":
         init_from = out_dir
+    if not storage.is_gcs(init_from) and Path(init_from).exists():
+        init_from = storage.absolute(init_from)  # Orbax reads absolute paths only
     if init_from in hf.GPT2_NAMES or hf.is_hf_dir(init_from) or not (
             storage.is_gcs(init_from) or Path(init_from).is_dir()):
         model = hf.load(init_from)
@@ -206,9 +210,19 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    for name, minimum in (("num_samples", 1), ("max_new_tokens", 1), ("top_k", 0)):
+        if getattr(args, name) < minimum:
+            raise ValueError(f"--{name}={getattr(args, name)} must be >= {minimum}")
+    if not args.temperature >= 0:  # also NaN
+        raise ValueError(f"--temperature={args.temperature} must be >= 0 (0 = greedy)")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv, debug = split_debug(sys.argv[1:] if argv is None else argv)
     args = _parse(argv)
     try:
+        _check_args(args)
         start = args.start
         if start.startswith("FILE:"):
             try:
@@ -228,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
             print(loaded.tokenizer.decode(row.tolist()))
             print("---------------")
     except (ValueError, OSError, RuntimeError) as e:  # bad input: a message, not a traceback
-        print(f"error: {e}", file=sys.stderr)
+        if debug:
+            traceback.print_exc()
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0
 

@@ -172,5 +172,5 @@ def test_openwebtext_tool_is_the_text_pipeline(tmp_path, monkeypatch, capsys):
     assert meta.tokenizer == "gpt2" and meta.splits["val"].documents == 1  # 0.05% of 40, at least one
     assert meta.splits["train"].documents == 39 and "train:" in capsys.readouterr().out
     monkeypatch.setitem(sys.modules, "datasets", None)  # as on a machine without the library
-    with pytest.raises(SystemExit, match="pip install datasets"):
+    with pytest.raises(prepare.PrepareError, match="pip install datasets"):
         owt.main(["--out", str(tmp_path / "hub")])

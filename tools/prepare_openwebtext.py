@@ -13,13 +13,14 @@ import argparse
 import os
 
 from nanojaxgpt import prepare
+from nanojaxgpt.cli import run_command
 
 
 def _datasets():
     try:
         import datasets
     except ImportError:
-        raise SystemExit("prepare_openwebtext.py reads OpenWebText with the Hugging Face `datasets` "
+        raise prepare.PrepareError("prepare_openwebtext.py reads OpenWebText with the Hugging Face `datasets` "
                          "library: pip install datasets  (or pass local files with --input)") from None
     return datasets
 
@@ -34,17 +35,17 @@ def hf_documents(args):
             ds = datasets.load_dataset(args.hf_name, revision=args.hf_revision, split="train",
                                        num_proc=args.num_proc)
     except Exception as e:
-        raise SystemExit(f"could not load {args.input or args.hf_name}: {type(e).__name__}: {e}\n"
+        raise prepare.PrepareError(f"could not load {args.input or args.hf_name}: {type(e).__name__}: {e}; "
                          "If the hub copy needs a loading script your `datasets` no longer runs, try "
-                         "--hf_revision refs/convert/parquet, or download the files and pass --input.")
+                         "--hf_revision refs/convert/parquet, or download the files and pass --input.") from None
     if args.text_key not in ds.column_names:
-        raise SystemExit(f"{args.input or args.hf_name} has no column {args.text_key!r} "
+        raise prepare.PrepareError(f"{args.input or args.hf_name} has no column {args.text_key!r} "
                          f"(columns: {ds.column_names}); choose one with --text_key")
     batches = ds.select_columns([args.text_key]).iter(batch_size=1024)
     return (text for batch in batches for text in batch[args.text_key]), len(ds)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", default=None, help="local files instead of the hub")
     parser.add_argument("--hf_name", default="Skylion007/openwebtext", help="dataset on the Hugging Face hub")
@@ -66,7 +67,8 @@ def main(argv=None) -> None:
                                        seed=args.seed, work_dir=args.work_dir, record_size=args.record_size,
                                        shard_tokens=args.shard_tokens, threads=args.threads)
     print(prepare.summary(result))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main, None, errors=(prepare.PrepareError, ValueError, OSError))

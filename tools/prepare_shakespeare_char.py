@@ -9,23 +9,24 @@
 import argparse
 
 from nanojaxgpt import prepare
+from nanojaxgpt.cli import run_command
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", default=None, help=f"the text file (default: download {prepare.TINYSHAKESPEARE_URL})")
     prepare.add_output_args(parser, default_out="data/shakespeare_char")
     args = parser.parse_args(argv)
     if args.input:
-        with open(args.input, encoding="utf-8") as f:
-            text = f.read()
+        text = prepare.read_input(args.input)
     else:
         print(f"downloading {prepare.TINYSHAKESPEARE_URL}")
         text = prepare.download_text()
     result = prepare.prepare_char(text, args.out, work_dir=args.work_dir, record_size=args.record_size,
                                   shard_tokens=args.shard_tokens)
     print(prepare.summary(result))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main, None, errors=(prepare.PrepareError, ValueError, OSError))

@@ -11,10 +11,11 @@ openwebtext/prepare.py. A seeded --val_fraction of the documents (at least one) 
 import argparse
 from pathlib import Path
 
-from nanojaxgpt import prepare
+from nanojaxgpt import prepare, storage
+from nanojaxgpt.cli import run_command
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", required=True, help=".txt / .jsonl files or folders of them")
     parser.add_argument("--text_key", default="text", help="the field of each .jsonl line holding the text")
@@ -25,13 +26,14 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=8, help="tokenizer threads")
     prepare.add_output_args(parser, default_out=None)
     args = parser.parse_args(argv)
-    out = args.out or f"data/{Path(args.input[0]).stem}"
+    out = args.out or storage.absolute(f"data/{Path(args.input[0]).stem}")
     documents = prepare.TextFiles(args.input, text_key=args.text_key, txt_documents=args.txt_documents)
     result = prepare.prepare_documents(documents, len(documents), out, val_fraction=args.val_fraction,
                                        seed=args.seed, work_dir=args.work_dir, record_size=args.record_size,
                                        shard_tokens=args.shard_tokens, threads=args.threads)
     print(prepare.summary(result))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main, None, errors=(prepare.PrepareError, ValueError, OSError))
