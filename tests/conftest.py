@@ -28,8 +28,13 @@ def shakespeare() -> str:
     if not cached.is_file():
         from nanojaxgpt import prepare
 
+        try:
+            text = prepare.download_text()
+        except prepare.PrepareError as e:
+            pytest.fail(f"the tests need tiny-shakespeare: put it at {cached} or {_SHAKESPEARE} ({e})",
+                        pytrace=False)
         cached.parent.mkdir(parents=True, exist_ok=True)
-        cached.write_text(prepare.download_text())
+        cached.write_text(text)
     return cached.read_text()
 _bucket_ids = itertools.count()
 

@@ -1,0 +1,234 @@
+"""The README's commands, run as written, in README order, from a fresh copy of the project.
+
+Every command of every ```sh block in README.md must match one runner below (a command no runner
+knows fails the suite). The only liberties taken, each where a test machine differs from a user's:
+- `pip install -e .` installs into a fresh virtual environment (which sees the installed
+  dependencies), so the test does not re-point the environment running the suite;
+- `prepare_shakespeare_char.py` gets `--input` with a local copy of the text (the test is offline);
+- the quick start's `--max_iters=2000` becomes 500 (the evaluation at its end is still run), and
+  its first run is interrupted with Ctrl-C (SIGINT) after a checkpoint, then run again, as a user resumes;
+- `--init_from=gpt2` reads a small random GPT-2 from a Hugging Face cache the test writes
+  (HF_HUB_OFFLINE=1), not OpenAI's weights from the hub;
+- the test command itself is not run from inside the tests: it must be what .ci/run runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.multiprocess import isolated_env
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK_MAX_ITERS = 500
+
+
+def readme_commands(text: str) -> list[str]:
+    """Each command of the ```sh blocks, in order: continuation lines joined, `&&` chains split."""
+    commands = []
+    for block in re.findall(r"^```sh\n(.*?)^```", text, flags=re.S | re.M):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #", 1)[0].strip()
+            if line and not line.startswith("#"):
+                commands += [c.strip() for c in line.split(" && ")]
+    return commands
+
+
+COMMANDS = readme_commands((REPO / "README.md").read_text())
+
+# name -> pattern; each README command matches exactly one.
+RUNNERS = {
+    "install": r"pip install -e \.",
+    "prepare": r"python tools/prepare_shakespeare_char\.py",
+    "quick_start": r"python -m nanojaxgpt\.train configs/shakespeare_char\.toml (?!.*--eval_only).*",
+    "eval_only": r"python -m nanojaxgpt\.train configs/shakespeare_char\.toml .* --eval_only=true",
+    "sample": r"python -m nanojaxgpt\.sample --init_from=out-shakespeare-char .*",
+    "inspect": r"python tools/inspect_checkpoint\.py out-shakespeare-char",
+    "tensorboard_install": r"pip install tensorboard",
+    "tensorboard": r"tensorboard --logdir out-shakespeare-char",
+    "sample_gpt2": r"python -m nanojaxgpt\.sample --init_from=gpt2 .*",
+    "test_install": r'pip install -e "\.\[test\]"',
+    "test": r"python -m pytest",
+}
+
+
+def commands_of(name: str) -> list[str]:
+    return [c for c in COMMANDS if re.fullmatch(RUNNERS[name], c)]
+
+
+def the_command(name: str) -> str:
+    found = commands_of(name)
+    assert len(found) == 1, f"README.md should have one {name} command, has {found}"
+    return found[0]
+
+
+def test_every_readme_command_is_run_by_a_test():
+    assert COMMANDS, "no ```sh blocks found in README.md"
+    for command in COMMANDS:
+        owners = [name for name, pattern in RUNNERS.items() if re.fullmatch(pattern, command)]
+        assert len(owners) == 1, f"README command run by {owners or 'no test'}: {command}"
+
+
+def test_the_readme_test_command_is_what_ci_runs():
+    ci = [line for line in (REPO / ".ci/run").read_text().splitlines()
+          if line.strip() and not line.startswith(("#", "set ", "cd "))]
+    readme = [the_command("test_install"), the_command("test")]
+    assert [re.sub(r"^python -m pip install -q ", "pip install ", c).replace("pytest -q", "pytest")
+            for c in ci] == readme
+
+
+class Shell:
+    """A fresh working directory with the project copied in and a venv on PATH, as a new user has."""
+
+    def __init__(self, root: Path):
+        self.cwd = root / "nanojaxgpt"
+        files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                               cwd=REPO, capture_output=True, text=True, check=True).stdout
+        for name in filter(None, files.split("\0")):
+            if (REPO / name).is_file():
+                (self.cwd / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(REPO / name, self.cwd / name)
+        self.venv = root / "venv"
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(self.venv)],
+                       check=True)
+        self.env = isolated_env()  # no fake devices, no JAX_PLATFORMS: as a user's shell
+        self.env["PATH"] = f"{self.venv / 'bin'}{os.pathsep}{self.env['PATH']}"
+        self.env.pop("PYTHONPATH", None)
+
+    def run(self, command: str, timeout: float = 300, env: dict | None = None,
+            expect: int = 0) -> subprocess.CompletedProcess:
+        proc = subprocess.run(["bash", "-c", f"exec {command}"], cwd=self.cwd, text=True,
+                              capture_output=True, timeout=timeout, env={**self.env, **(env or {})})
+        assert proc.returncode == expect, (f"`{command}` exited {proc.returncode}:\n"
+                                           f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
+        return proc
+
+    def start(self, command: str, log: Path) -> subprocess.Popen:
+        return subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=self.cwd, env=self.env,
+                                stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def shortened(command: str) -> str:
+    assert "--max_iters=2000" in command, command
+    return command.replace("--max_iters=2000", f"--max_iters={QUICK_MAX_ITERS}")
+
+
+def _wait_for(log: Path, pattern: str, proc: subprocess.Popen, timeout: float = 240) -> re.Match:
+    deadline = time.time() + timeout
+    while not (m := re.search(pattern, log.read_text())):
+        assert proc.poll() is None, f"ended before {pattern!r}:\n{log.read_text()[-3000:]}"
+        assert time.time() < deadline, f"no {pattern!r} in {timeout}s:\n{log.read_text()[-3000:]}"
+        time.sleep(0.1)
+    return m
+
+
+@pytest.fixture(scope="module")
+def shell(tmp_path_factory):
+    """After the quick start, as a user runs it: install, prepare, train, Ctrl-C, train again."""
+    from tests.conftest import shakespeare
+
+    root = tmp_path_factory.mktemp("readme")
+    sh = Shell(root)
+    sh.run(the_command("install"), timeout=600)
+    text = root / "input.txt"
+    text.write_text(shakespeare())
+    sh.run(f"{the_command('prepare')} --input {shlex.quote(str(text))}")
+    quick = shortened(the_command("quick_start"))
+    log = root / "interrupted.log"
+    proc = sh.start(quick, log)
+    _wait_for(log, rf"step 260/{QUICK_MAX_ITERS} ", proc)  # after the checkpoint of step 250
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+    stopped = int(re.search(r"saved a complete checkpoint of step (\d+)", log.read_text()).group(1))
+    sh.quick = sh.run(quick)  # the same command again
+    sh.stopped = stopped
+    return sh
+
+
+def test_quick_start_resumes_after_ctrl_c_and_ends_with_its_evaluation(shell):
+    err = shell.quick.stderr
+    assert f"resumed from step {shell.stopped} " in err, err[-3000:]
+    final = re.search(rf"step {QUICK_MAX_ITERS}: train loss ([\d.]+), val loss ([\d.]+)", err)
+    assert final and float(final.group(2)) < 2.6, err[-3000:]  # ln(65) = 4.17 untrained
+    out = shell.cwd / "out-shakespeare-char"
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["train"]["out_dir"] == str(out)  # stored resolved
+
+
+def test_sample_prints_text_that_starts_with_the_prompt(shell):
+    command = the_command("sample")
+    prompt = re.search(r'--start="([^"]*)"', command).group(1)
+    n = int(re.search(r"--num_samples=(\d+)", command).group(1))
+    out = shell.run(command).stdout
+    samples = [s.strip("\n") for s in out.split("---------------") if s.strip()]
+    assert len(samples) == n and all(s.startswith(prompt) and len(s) > len(prompt) + 50
+                                     for s in samples), out[:2000]
+
+
+def test_eval_only_reports_the_latest_checkpoint_and_saves_nothing(shell):
+    command = the_command("eval_only")
+    assert command == the_command("quick_start") + " --eval_only=true"
+    checkpoints = shell.cwd / "out-shakespeare-char" / "checkpoints"
+    before = sorted(p.name for p in checkpoints.iterdir())
+    err = shell.run(shortened(command)).stderr
+    m = re.search(rf"step {QUICK_MAX_ITERS}: train loss ([\d.]+), val loss ([\d.]+)", err)
+    assert m and math.isfinite(float(m.group(2))), err[-3000:]
+    assert sorted(p.name for p in checkpoints.iterdir()) == before
+
+
+def test_inspect_lists_the_complete_checkpoints(shell):
+    out = shell.run(the_command("inspect")).stdout
+    rows = {line.split()[0]: line.split()[1] for line in out.splitlines()[2:] if line.strip()}
+    assert rows.get(str(QUICK_MAX_ITERS)) == "complete", out
+    assert str(shell.stopped) in rows or "250" in rows, out
+
+
+def test_tensorboard_serves_the_run(shell, tmp_path):
+    shell.run(the_command("tensorboard_install"))
+    log = tmp_path / "tensorboard.log"
+    proc = shell.start(the_command("tensorboard"), log)
+    try:
+        url = _wait_for(log, r"(http://localhost:\d+/)", proc, timeout=120).group(1)
+        deadline = time.time() + 60
+        while True:  # the first scan of the log dir runs in the background
+            tags = json.loads(urllib.request.urlopen(url + "data/plugin/scalars/tags", timeout=10).read())
+            if "val/loss" in tags.get(".", {}) or time.time() > deadline:
+                break
+            time.sleep(0.5)
+        assert {"train/loss", "val/loss", "perf/tokens_per_sec"} <= set(tags.get(".", {})), tags
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_sampling_from_gpt2(shell, tmp_path):
+    import torch
+    import transformers
+
+    home = tmp_path / "hf"  # a Hugging Face cache holding a small random GPT-2 as openai-community/gpt2
+    repo = home / "hub" / "models--openai-community--gpt2"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_positions=128, n_embd=32, n_layer=2, n_head=2)  # vocab 50257
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(snapshot.name)
+    command = the_command("sample_gpt2")
+    prompt = re.search(r'--start="([^"]*)"', command).group(1)
+    out = shell.run(command, env={"HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}).stdout
+    samples = [s.strip("\n") for s in out.split("---------------") if s.strip()]
+    n = int(re.search(r"--num_samples=(\d+)", command).group(1))
+    assert len(samples) == n and all(s.startswith(prompt) for s in samples), out[:2000]
