@@ -10,6 +10,8 @@ import dataclasses
 import logging
 import sys
 import time
+from collections.abc import Callable
+from typing import NoReturn
 
 import equinox as eqx
 import jax
@@ -231,12 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def cli(argv: list[str] | None = None) -> None:
-    # hard_exit: an error must not wait for a compile or a stalled write in a worker thread.
+def cli(argv: list[str] | None = None, exit: Callable[[int], NoReturn] = sys.exit) -> NoReturn:  # noqa: A002
     run_command(main, argv, errors=(config.ConfigError, data.DataError, distributed.DistributedError,
-                                checkpoint.CheckpointError, metrics.MetricsError, Diverged),
-            exit=hard_exit)
+                                    checkpoint.CheckpointError, metrics.MetricsError, Diverged),
+                exit=exit)
 
 
 if __name__ == "__main__":
-    cli()
+    # hard_exit: an error must not wait for a compile or a stalled write in a worker thread.
+    cli(exit=hard_exit)
