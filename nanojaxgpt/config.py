@@ -95,6 +95,9 @@ class CheckpointConfig:
     checkpoint_interval: int = 1000  # steps between async saves; one is always written at the end
     keep_checkpoints: int = 3
     save_timeout_s: float = 600.0  # a save still running after this long is an error
+    # A gs:// run lock (out_dir/run.lock) not refreshed for this long is a dead run's: the next run
+    # takes it over. A second run waits up to this long to tell a live holder from a dead one.
+    lock_stale_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -218,7 +221,8 @@ def _validate(cfg: Config) -> None:
                 "train.eval_interval": t.eval_interval, "train.eval_iters": t.eval_iters,
                 "train.log_interval": t.log_interval, "model.vocab_multiple": m.vocab_multiple,
                 "checkpoint.checkpoint_interval": cfg.checkpoint.checkpoint_interval,
-                "checkpoint.keep_checkpoints": cfg.checkpoint.keep_checkpoints}
+                "checkpoint.keep_checkpoints": cfg.checkpoint.keep_checkpoints,
+                "checkpoint.lock_stale_s": cfg.checkpoint.lock_stale_s}
     for k, v in positive.items():
         if v <= 0:
             raise ConfigError(f"{k}={v} must be positive")
