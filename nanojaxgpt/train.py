@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding
 
 from nanojaxgpt import checkpoint, config, data, distributed, malloc, metrics, sharding, storage
 from nanojaxgpt import model as gpt
+from nanojaxgpt import runlock
 from nanojaxgpt.preemption import Preemption
 from nanojaxgpt.state import setup
 from nanojaxgpt.step import compile_ahead, eval_group, jit_steps
@@ -77,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         raise config.ConfigError(
             f"out_dir {cfg.train.out_dir}: bucket gs://{storage.GCSPath.parse(cfg.train.out_dir).bucket} "
             "does not exist; create it (gcloud storage buckets create gs://BUCKET) or fix --out_dir")
+    # Before anything writes there: a second run must not clean up this run's in-flight save.
+    lock = runlock.acquire(cfg.train.out_dir, cfg.checkpoint.lock_stale_s)
     ckpt = checkpoint.Checkpointer(cfg.train.out_dir, cfg.checkpoint)
     resuming = ckpt.latest_step() is not None
     pretrained = None
@@ -150,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         evaluate(start)
         ckpt.close()
         tb.close()
+        lock.release()
         return 0
     tokens = global_batch(start) if start < t.max_iters else None
     last_log_step, last_log_time, first_done = start, time.time(), None
@@ -174,9 +178,11 @@ def main(argv: list[str] | None = None) -> int:
             log.info(metrics.console_line(step, t.max_iters, values, now - first_done,
                                           step - start))
         if ckpt.should_save(step + 1) or step + 1 == t.max_iters:
+            lock.refresh()  # stops here, on every host, if another run took out_dir over
             ckpt.save(step + 1, state, meta={"data_step": step + 1}, config_json=cfg.to_json())
             tb.flush(wait=True)  # logs are durable up to every checkpoint: a resume leaves no gap
         if preemption.should_stop(step + 1) and step + 1 < t.max_iters:
+            lock.refresh()
             ckpt.save(step + 1, state, meta={"data_step": step + 1}, config_json=cfg.to_json())
             ckpt.wait()
             log.warning("preempted: saved a complete checkpoint of step %d in %s; run the same "
@@ -188,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     ckpt.wait()
     ckpt.close()
     tb.close()
+    lock.release()
     return 0
 
 
