@@ -97,6 +97,9 @@ class CheckpointConfig:
     checkpoint_interval: int = 1000  # steps between async saves; one is always written at the end
     keep_checkpoints: int = 3
     save_timeout_s: float = 600.0  # a save still running after this long is an error
+    # A gs:// run lock (out_dir/run.lock) not refreshed for this long is a dead run's: the next run
+    # takes it over. A second run waits up to this long to tell a live holder from a dead one.
+    lock_stale_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -238,6 +241,7 @@ def _validate(cfg: Config) -> None:
                 "checkpoint.checkpoint_interval": c.checkpoint_interval,
                 "checkpoint.keep_checkpoints": c.keep_checkpoints,
                 "checkpoint.save_timeout_s": c.save_timeout_s,
+                "checkpoint.lock_stale_s": c.lock_stale_s,
                 "distributed.initialization_timeout_s": d.initialization_timeout_s,
                 "distributed.heartbeat_timeout_s": d.heartbeat_timeout_s}
     for k, v in positive.items():

@@ -17,11 +17,12 @@ import equinox as eqx
 import jax
 import numpy as np
 from etils import epath
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jaxtyping import PyTree
 
 from nanojaxgpt import checkpoint, config, data, distributed, malloc, metrics, sharding, storage
 from nanojaxgpt import model as gpt
+from nanojaxgpt import runlock
 from nanojaxgpt.cli import hard_exit, run_command
 from nanojaxgpt.preemption import Preemption, exit_during_startup
 from nanojaxgpt.state import setup
@@ -106,6 +107,15 @@ def main(argv: list[str] | None = None) -> int:
         raise config.ConfigError(
             f"out_dir {cfg.train.out_dir}: bucket gs://{storage.GCSPath.parse(cfg.train.out_dir).bucket} "
             "does not exist; create it (gcloud storage buckets create gs://BUCKET) or fix --out_dir")
+    # Before anything writes there: a second run must not clean up this run's in-flight save.
+    with runlock.acquire(cfg.train.out_dir, cfg.checkpoint.lock_stale_s) as lock:
+        return _run(cfg, topo, mesh, meta, lock)  # released on every way out, errors too
+
+
+def _run(cfg: config.Config, topo: distributed.Topology, mesh: Mesh, meta: data.Meta,
+         lock: runlock.RunLock) -> int:
+    """Everything after the run lock is held: state, restore, the loop."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
     ckpt = checkpoint.Checkpointer(cfg.train.out_dir, cfg.checkpoint)
     resuming = ckpt.latest_step() is not None
     pretrained = None
@@ -211,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                 log.info(metrics.console_line(step, t.max_iters, values, now - first_done,
                                               step - start))
             if save:
+                lock.refresh()  # stops here, on every host, if another run took out_dir over
                 ckpt.save(done, state, meta={"data_step": done}, config_json=cfg.to_json())
                 tb.flush(wait=True)  # logs are durable up to every checkpoint: a resume leaves no gap
             if stop:
