@@ -90,6 +90,9 @@ class TrainConfig:
     eval_iters: int = 200
     log_interval: int = 10
     eval_only: bool = False  # evaluate the latest checkpoint (or the initial model) and exit
+    profile_start: int = -1  # first step of a JAX profiler trace into out_dir (-1: none)
+    profile_steps: int = 3  # steps in that trace
+    profile_all_hosts: bool = False  # every host writes a trace, not only process 0
 
 
 @dataclass(frozen=True)
@@ -236,7 +239,7 @@ def _validate(cfg: Config) -> None:
                 "train.batch_size": t.batch_size,
                 "train.gradient_accumulation_steps": t.gradient_accumulation_steps,
                 "train.eval_interval": t.eval_interval, "train.eval_iters": t.eval_iters,
-                "train.log_interval": t.log_interval,
+                "train.log_interval": t.log_interval, "train.profile_steps": t.profile_steps,
                 "optim.learning_rate": o.learning_rate,
                 "checkpoint.checkpoint_interval": c.checkpoint_interval,
                 "checkpoint.keep_checkpoints": c.keep_checkpoints,
@@ -251,6 +254,7 @@ def _validate(cfg: Config) -> None:
                     "optim.grad_clip": o.grad_clip}
     for k, v in non_negative.items():
         _check(v >= 0, f"{k}={v} must be >= 0")
+    _check(t.profile_start >= -1, f"train.profile_start={t.profile_start} must be a step, or -1 for none")
     _check(m.n_embd % m.n_head == 0,
            f"model.n_embd={m.n_embd} must be divisible by model.n_head={m.n_head}")
     _check(m.position != "rope" or m.head_dim % 2 == 0,

@@ -25,6 +25,7 @@ from nanojaxgpt import model as gpt
 from nanojaxgpt import runlock
 from nanojaxgpt.cli import hard_exit, run_command
 from nanojaxgpt.preemption import Preemption, exit_during_startup
+from nanojaxgpt.profile import Profiler
 from nanojaxgpt.state import setup
 from nanojaxgpt.step import compile_ahead, eval_group, jit_steps
 
@@ -191,11 +192,14 @@ def _run(cfg: config.Config, topo: distributed.Topology, mesh: Mesh, meta: data.
         return 0
     tokens = global_batch(start) if start < t.max_iters else None
     last_log_step, last_log_time, first_done = start, time.time(), None
+    profiler = Profiler(t.out_dir, t.profile_start, t.profile_steps, first_step=start,
+                        enabled=t.profile_all_hosts or topo.process_index == 0)
     preemption = Preemption()  # from here on a stop signal saves the step every host agrees on
     try:
         for step in range(start, t.max_iters):
             if step % t.eval_interval == 0:
                 evaluate(step, state["model"])
+            profiler.before_step(step, lambda: jax.block_until_ready(state))
             state, out = steps.train(state, tokens)
             done = step + 1
             if done < t.max_iters:
@@ -238,6 +242,7 @@ def _run(cfg: config.Config, topo: distributed.Topology, mesh: Mesh, meta: data.
         raise
     finally:
         preemption.close()
+    profiler.finish(lambda: jax.block_until_ready(state))
     ckpt.wait()
     ckpt.close()
     tb.close()
