@@ -154,7 +154,7 @@ def test_second_run_on_a_live_out_dir_refuses_and_the_first_finishes(data_dir, t
     first = _start(data_dir, out, train_env, log)
     try:
         train_runs.wait_for(log, "step 5/20", first)  # just after the async save of step 5 began
-        first.send_signal(signal.SIGSTOP)  # alive but not moving: nothing changes out_dir now
+        train_runs.stop(first)  # alive but not moving: nothing changes out_dir now
         in_flight = [p.name for p in (out / "checkpoints").iterdir() if "tmp" in p.name]
         print(f"saves in flight when the second run started: {in_flight}")
         before = _tree(out)

@@ -61,6 +61,23 @@ def kill(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     proc.wait(timeout=120)
 
 
+def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGSTOP `proc` and wait until every one of its threads has stopped: the signal is delivered
+    asynchronously, and a thread on another core can go on writing for a moment after kill()."""
+    proc.send_signal(signal.SIGSTOP)
+    deadline = time.time() + timeout
+    while not all(_thread_state(t) in ("T", "t", None) for t in Path(f"/proc/{proc.pid}/task").iterdir()):
+        assert time.time() < deadline, f"pid {proc.pid} did not stop within {timeout}s"
+        time.sleep(0.01)
+
+
+def _thread_state(task: Path) -> str | None:
+    try:
+        return (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:  # the thread ended
+        return None
+
+
 def curve(log_dir: str | Path, tag: str) -> dict[int, float]:
     """{step: value} as TensorBoard shows it; a step seen twice is a failure."""
     acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
