@@ -1,4 +1,4 @@
-"""TensorBoard scalars from process 0, the console progress line, and model FLOPs utilization.
+"""TensorBoard scalars from process 0 (the console line and MFU are nanojaxgpt.progress's).
 
 Event files are written in TensorBoard's format with tensorboardX's protos and record writer.
 - Resume: a run that restarts from the checkpoint of step N writes, first in its first event file,
@@ -19,7 +19,6 @@ Event files are written in TensorBoard's format with tensorboardX's protos and r
 from __future__ import annotations
 
 import atexit
-import math
 import os
 import queue
 import re
@@ -31,8 +30,6 @@ import threading
 import time
 from collections.abc import Mapping
 from typing import SupportsFloat
-
-import jax
 
 # tensorboardX's package __init__ imports torch where it is installed (1.1 s of every start on 2
 # CPU cores) only to accept torch tensors; we log Python floats. Hide torch for that one import.
@@ -217,73 +214,3 @@ class Metrics:
         """Bytes uploaded to gs:// so far (0 for a local log dir)."""
         uploader = getattr(self, "_uploader", None)
         return uploader.uploaded_bytes if uploader else 0
-
-
-def _duration(seconds: float) -> str:
-    s = int(round(seconds))
-    if s >= 3600:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
-
-
-def _format(name: str, value: float) -> str:
-    short = name.rsplit("/", 1)[-1]
-    label = name.removeprefix("train/").removeprefix("perf/").replace("/", " ")
-    if short == "tokens_per_sec":
-        return f"{value:,.0f} tok/s"
-    if short == "step_time_ms":
-        return f"{value:.1f} ms/step"
-    if short == "mfu":
-        return f"mfu {100 * value:.1f}%"
-    if short == "lr":
-        return f"lr {value:.2e}"
-    if short.endswith("loss"):
-        return f"{label} {value:.4f}"
-    return f"{label} {value:.4g}"
-
-
-def console_line(step: int, max_iters: int, values: Mapping[str, SupportsFloat | None],
-                 elapsed_s: float, steps_done_this_run: int) -> str:
-    """`step 120/5000 | loss 2.3456 | lr 6.00e-04 | 45,000 tok/s | ... | eta 1h02m`.
-
-    The ETA extrapolates this run's own pace (elapsed_s over steps_done_this_run), so time spent
-    by an earlier run before a resume does not distort it.
-    """
-    parts = [f"step {step}/{max_iters}"]
-    parts += [_format(k, float(v)) for k, v in values.items() if v is not None]
-    if steps_done_this_run > 0 and step < max_iters:
-        parts.append(f"eta {_duration(elapsed_s / steps_done_this_run * (max_iters - step))}")
-    return " | ".join(parts)
-
-
-# Dense bfloat16 peak FLOP/s of one chip (TPU, by jax device_kind) or one GPU (by CUDA name).
-_TPU_PEAK = {"TPU v2": 45e12, "TPU v3": 123e12, "TPU v4": 275e12, "TPU v4 lite": 138e12,
-             "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5": 459e12, "TPU v5p": 459e12,
-             "TPU v6 lite": 918e12, "TPU v6e": 918e12, "TPU7x": 2307e12}
-_GPU_PEAK = [("H100 PCIE", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("GH200", 989e12),
-             ("H200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12),
-             ("L4", 121e12)]
-
-
-def peak_flops_per_device(device: jax.Device) -> float | None:
-    """Dense bf16 peak of one device, or None when unknown (CPU, an unlisted accelerator)."""
-    return _peak_for(device.platform, device.device_kind)
-
-
-def _peak_for(platform: str, kind: str) -> float | None:
-    if platform == "tpu":
-        return _TPU_PEAK.get(kind)
-    if platform == "gpu":
-        for name, peak in _GPU_PEAK:
-            # whole words only: "L4" must not match an "L40S", nor "H200" a "GH200"
-            if re.search(rf"(?<![A-Z0-9]){re.escape(name)}(?![A-Z0-9])", kind.upper()):
-                return peak
-    return None
-
-
-def mfu(flops_per_token: float, tokens_per_sec: float, n_devices: int,
-        peak: float | None) -> float | None:
-    """Model FLOPs utilization: achieved model FLOP/s over the devices' summed peak."""
-    if peak is None or peak <= 0 or n_devices <= 0 or not math.isfinite(tokens_per_sec):
-        return None
-    return flops_per_token * tokens_per_sec / (n_devices * peak)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
-import time
 from collections.abc import Callable
 from typing import NoReturn
 
@@ -24,8 +23,10 @@ from nanojaxgpt import checkpoint, config, data, distributed, malloc, metrics, s
 from nanojaxgpt import model as gpt
 from nanojaxgpt import runlock
 from nanojaxgpt.cli import hard_exit, run_command
+from nanojaxgpt.feed import Feed
 from nanojaxgpt.preemption import Preemption, exit_during_startup
 from nanojaxgpt.profile import Profiler
+from nanojaxgpt.progress import Progress, peak_flops_per_device
 from nanojaxgpt.state import setup
 from nanojaxgpt.step import compile_ahead, eval_group, jit_steps
 
@@ -177,8 +178,6 @@ def _run(cfg: config.Config, topo: distributed.Topology, mesh: Mesh, meta: data.
                  for split in ("train", "val")}
     tb = metrics.Metrics(t.out_dir, enabled=topo.process_index == 0,
                          resume_step=start)
-    peak = metrics.peak_flops_per_device(jax.devices()[0])
-    flops_per_token = gpt.flops_per_token(m)
 
     def evaluate(step: int, model: PyTree) -> None:
         losses = {s: float(steps.evaluate(model, toks)) for s, toks in eval_sets.items()}
@@ -190,41 +189,43 @@ def _run(cfg: config.Config, topo: distributed.Topology, mesh: Mesh, meta: data.
         ckpt.close()
         tb.close()
         return 0
-    tokens = global_batch(start) if start < t.max_iters else None
-    last_log_step, last_log_time, first_done = start, time.time(), None
+    progress = Progress(start=start, max_iters=t.max_iters, tokens_per_step=rows * m.block_size,
+                        flops_per_token=gpt.flops_per_token(m), n_devices=topo.global_device_count,
+                        peak=peak_flops_per_device(jax.devices()[0]))
+
+    def report(step: int, out: dict[str, jax.Array]) -> None:
+        """Read the metrics of `step` (waiting for it), stop on a divergence, log them."""
+        vals = {k: float(v) for k, v in jax.device_get(out).items()}
+        _check_finite(step, vals, ckpt)
+        values = progress.values(step, vals)
+        tb.scalars(step, values)
+        log.info(progress.line(step, values))
+
+    feed = Feed(global_batch, start=start, stop=t.max_iters)
     profiler = Profiler(t.out_dir, t.profile_start, t.profile_steps, first_step=start,
                         enabled=t.profile_all_hosts or topo.process_index == 0)
     preemption = Preemption()  # from here on a stop signal saves the step every host agrees on
+    logged = None  # (step, metrics) of a log step, read once the next step is queued behind it
     try:
         for step in range(start, t.max_iters):
             if step % t.eval_interval == 0:
                 evaluate(step, state["model"])
             profiler.before_step(step, lambda: jax.block_until_ready(state))
-            state, out = steps.train(state, tokens)
+            state, out = steps.train(state, feed.get(step))
             done = step + 1
-            if done < t.max_iters:
-                tokens = global_batch(done)  # read while the step runs (async dispatch)
+            if logged is not None:  # one step late: the host never waits on the step it queued
+                report(*logged)
+                logged = None
             stop = preemption.should_stop(done) and done < t.max_iters
             save = ckpt.should_save(done) or done == t.max_iters or stop
-            log_now = step % t.log_interval == 0 or done == t.max_iters
-            if log_now or save:  # a save waits for the state anyway; a log step for its metrics
-                vals = {k: float(v) for k, v in jax.device_get(out).items()}
-                _check_finite(step, vals, ckpt)
-            if log_now:
-                now = time.time()
-                dt = (now - last_log_time) / (done - last_log_step)  # the first includes compiling
-                last_log_step, last_log_time = done, now
-                first_done = first_done or now  # pace (for the ETA) counts from after the first step
-                tps = rows * m.block_size / dt
-                values = {"train/loss": vals["loss"], "train/lr": vals["lr"],
-                          "train/grad_norm": vals["grad_norm"], "perf/tokens_per_sec": tps,
-                          "perf/step_time_ms": dt * 1e3,
-                          "perf/mfu": metrics.mfu(flops_per_token, tps, topo.global_device_count,
-                                                  peak)}
-                tb.scalars(step, values)
-                log.info(metrics.console_line(step, t.max_iters, values, now - first_done,
-                                              step - start))
-            if save:
+            if step % t.log_interval == 0 or done == t.max_iters:
+                logged = (step, out)
+            if save:  # the save waits for this step's state anyway: check it is finite first
+                if logged is None:
+                    _check_finite(step, {k: float(v) for k, v in jax.device_get(out).items()}, ckpt)
+                else:
+                    report(*logged)
+                    logged = None
                 lock.refresh()  # stops here, on every host, if another run took out_dir over
                 ckpt.save(done, state, meta={"data_step": done}, config_json=cfg.to_json())
                 tb.flush(wait=True)  # logs are durable up to every checkpoint: a resume leaves no gap
@@ -242,6 +243,7 @@ def _run(cfg: config.Config, topo: distributed.Topology, mesh: Mesh, meta: data.
         raise
     finally:
         preemption.close()
+        feed.close()
     profiler.finish(lambda: jax.block_until_ready(state))
     ckpt.wait()
     ckpt.close()
