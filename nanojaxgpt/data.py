@@ -151,7 +151,7 @@ class Tokens:
         self._source = grain.sources.ArrayRecordDataSource(
             [f"{storage.join(self.data_dir, s.name)}[0:{s.records}]" for s in info.shards])
         if io_threads is None:
-            io_threads = 16 if storage.is_gcs(self.data_dir) else 0
+            io_threads = 64 if storage.is_gcs(self.data_dir) else 0  # each waits a round trip
         self._pool = ThreadPoolExecutor(io_threads, "nanojaxgpt-read") if io_threads > 0 else None
 
     def windows(self, offsets: Int[np.ndarray, " n"], length: int) -> Int[np.ndarray, "n length"]:

@@ -201,7 +201,9 @@ def _run(cfg: config.Config, topo: distributed.Topology, mesh: Mesh, meta: data.
         tb.scalars(step, values)
         log.info(progress.line(step, values))
 
-    feed = Feed(global_batch, start=start, stop=t.max_iters)
+    remote = storage.is_gcs(cfg.data.data_dir)  # every read waits on the network: more in flight
+    feed = Feed(global_batch, start=start, stop=t.max_iters, depth=8 if remote else 4,
+                threads=4 if remote else 2)
     profiler = Profiler(t.out_dir, t.profile_start, t.profile_steps, first_step=start,
                         enabled=t.profile_all_hosts or topo.process_index == 0)
     preemption = Preemption()  # from here on a stop signal saves the step every host agrees on

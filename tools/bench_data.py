@@ -2,17 +2,19 @@
 
     python tools/bench_data.py                                  # synthetic data, local + GCS emulator
     python tools/bench_data.py --data_dir data/openwebtext --gcs gs://BUCKET/openwebtext
+    python tools/bench_data.py --latency_ms 50      # each emulator request held 50 ms, as a bucket
 
 Tokens/s counts training tokens (rows * block_size) of one host reading all rows of every step:
-`read` is one synchronous read() per step, `iterate` is the grain-prefetched iterator. Shapes: seq
+`read` is one synchronous read() per step, `iterate` is the grain-prefetched iterator, `feed` is
+what training uses (nanojaxgpt.feed.Feed: --feed_depth steps read ahead on --feed_threads threads). Shapes: seq
 1024 batch 16 (GPT-2 124M per-device batch) and seq 64 batch 12 (shakespeare_char on CPU).
 --gcs emulator starts a loopback fake-gcs-server (tests/gcs_server.py); --gcs none skips gs://.
 """
 
 import argparse
 import atexit
-import importlib.util
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from nanojaxgpt import data, prepare, storage
+from nanojaxgpt.feed import Feed
 
 SHAPES = ((1024, 16), (64, 12))  # (block_size, batch_size)
 
@@ -38,21 +41,28 @@ def synthetic(directory: Path, n_tokens: int) -> None:
     (directory / data.META).write_text(meta.to_json())
 
 
-def emulator():
-    """A fake-gcs-server on loopback from the test helpers, with every client pointed at it."""
-    path = Path(__file__).resolve().parents[1] / "tests" / "gcs_server.py"
-    spec = importlib.util.spec_from_file_location("gcs_server", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    server = module.GCSServer()
+def emulator(latency_ms: float):
+    """A fake-gcs-server on loopback from the test helpers, with every client pointed at it
+    (through a proxy that holds each request `latency_ms` when that is > 0)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.gcs_server import GCSServer
+    from tests.latency_proxy import LatencyProxy
+
+    server = GCSServer()
     # Stopped at exit, after Python has joined the prefetch threads still finishing their reads.
     atexit.register(server.stop)
-    os.environ.update(server.env())
-    return server, server.create_bucket("bench-data")
+    bucket = server.create_bucket("bench-data")
+    env = server.env()
+    if latency_ms > 0:
+        proxy = LatencyProxy(server.port, latency_ms / 1000)
+        atexit.register(proxy.stop)
+        env = {k: v.replace(server.url, proxy.url) for k, v in env.items()}
+    os.environ.update(env)
+    return server, bucket
 
 
 def measure(data_dir: str, block_size: int, batch_size: int, seconds: float, threads: int, buffer: int,
-            io_threads: int | None):
+            io_threads: int | None, feed_depth: int, feed_threads: int):
     b = data.Batches(data_dir, "train", block_size=block_size, rows=batch_size, seed=0, io_threads=io_threads)
     rows = np.arange(batch_size)
     result = {}
@@ -70,6 +80,14 @@ def measure(data_dir: str, block_size: int, batch_size: int, seconds: float, thr
         n += 1
     result["iterate"] = n * batch_size * block_size / (time.perf_counter() - t0)
     it.close()
+    feed = Feed(lambda s: b.read(s, rows), start=0, stop=1 << 30, depth=feed_depth, threads=feed_threads)
+    feed.get(0)
+    n, t0 = 1, time.perf_counter()
+    while time.perf_counter() - t0 < seconds or n < 5:
+        feed.get(n)
+        n += 1
+    result["feed"] = (n - 1) * batch_size * block_size / (time.perf_counter() - t0)
+    feed.close()
     return result
 
 
@@ -81,8 +99,12 @@ def main(argv=None) -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="timing per measurement")
     parser.add_argument("--threads", type=int, default=4, help="iterate(): grain prefetch threads")
     parser.add_argument("--buffer", type=int, default=8, help="iterate(): steps read ahead")
+    parser.add_argument("--latency_ms", type=float, default=0.0,
+                        help="with --gcs emulator: hold every request this long (a real bucket: ~50)")
+    parser.add_argument("--feed_depth", type=int, default=4, help="feed: steps read ahead")
+    parser.add_argument("--feed_threads", type=int, default=2, help="feed: steps read at once")
     parser.add_argument("--io_threads", type=int, default=None,
-                        help="record-read threads per Batches (default: 16 for gs://, 0 for local)")
+                        help="record-read threads per Batches (default: 64 for gs://, 0 for local)")
     args = parser.parse_args(argv)
 
     work = tempfile.TemporaryDirectory(prefix="bench-data-")
@@ -93,7 +115,7 @@ def main(argv=None) -> None:
     sources = {"local": local}
     if args.gcs != "none":
         if args.gcs == "emulator":
-            _, bucket = emulator()
+            _, bucket = emulator(args.latency_ms)
             remote = f"{bucket}/bench"
         else:
             remote = args.gcs
@@ -103,15 +125,17 @@ def main(argv=None) -> None:
         sources[f"gs:// ({args.gcs})"] = remote
 
     tokens = data.read_meta(local).tokens["train"]
-    print(f"train split: {tokens:,} tokens; iterate(threads={args.threads}, buffer={args.buffer})")
-    print(f"{'source':<22} {'seq':>5} {'batch':>5} {'read() tok/s':>14} {'iterate() tok/s':>16}")
+    print(f"train split: {tokens:,} tokens; iterate(threads={args.threads}, buffer={args.buffer}); "
+          f"feed(depth={args.feed_depth}, threads={args.feed_threads}); latency {args.latency_ms} ms")
+    print(f"{'source':<22} {'seq':>5} {'batch':>5} {'read() tok/s':>14} {'iterate() tok/s':>16} "
+          f"{'feed tok/s':>12}")
     try:
         for name, directory in sources.items():
             for block_size, batch_size in SHAPES:
                 r = measure(directory, block_size, batch_size, args.seconds, args.threads, args.buffer,
-                            args.io_threads)
+                            args.io_threads, args.feed_depth, args.feed_threads)
                 print(f"{name:<22} {block_size:>5} {batch_size:>5} {r['read'] / 1e6:>12.2f} M "
-                      f"{r['iterate'] / 1e6:>14.2f} M", flush=True)
+                      f"{r['iterate'] / 1e6:>14.2f} M {r['feed'] / 1e6:>10.2f} M", flush=True)
     finally:
         work.cleanup()
 
