@@ -27,6 +27,9 @@ _ARRAY = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\]")
 _NAME = re.compile(r"%[\w.\-]+")
 _CALLED = re.compile(r"(calls|to_apply|body|condition|branch_computations|called_computations)="
                      r"(\{[^}]*\}|%[\w.\-]+)")
+# Custom calls that are compute kernels XLA cannot see into (Pallas/Mosaic, cuDNN, Triton);
+# others (AllocateBuffer, sharding markers) compute nothing.
+_KERNEL = re.compile(r"tpu_custom_call|cudnn|triton|mosaic", re.IGNORECASE)
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
                "ragged-all-to-all")
 # No data moves for these (or it is counted where it is used).
@@ -316,7 +319,7 @@ def analyze(text: str) -> Executed:
                 coll_n[kind] += m
             if ins.op == "custom-call":
                 target = re.search(r'custom_call_target="([^"]+)"', ins.attrs)
-                if target and not target.group(1).startswith("__cublas"):
+                if target and _KERNEL.search(target.group(1)):
                     kernels.add(target.group(1))
             if not comp.fused and ins.op not in _NO_TRAFFIC and not ins.op.endswith("-done"):
                 hbm += m * _traffic(ins, shapes, comps)
