@@ -19,7 +19,7 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding
 from jaxtyping import PyTree
 
-from nanojaxgpt import checkpoint, config, data, distributed, malloc, metrics, sharding, storage
+from nanojaxgpt import checkpoint, config, cpu, data, distributed, metrics, sharding, storage
 from nanojaxgpt import model as gpt
 from nanojaxgpt import runlock
 from nanojaxgpt.cli import hard_exit, run_command
@@ -28,7 +28,7 @@ from nanojaxgpt.preemption import Preemption, exit_during_startup
 from nanojaxgpt.profile import Profiler
 from nanojaxgpt.progress import Progress, peak_flops_per_device
 from nanojaxgpt.state import setup
-from nanojaxgpt.step import compile_ahead, eval_group, jit_steps
+from nanojaxgpt.step import compile_ahead, jit_steps
 
 log = logging.getLogger("nanojaxgpt.train")
 
@@ -97,8 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     exit_during_startup()  # jax.distributed installs its own SIGTERM handler
     distributed.setup_logging(topo)
     mesh = sharding.make_mesh(cfg.mesh)
-    if sharding.on_cpu(mesh):  # the steps' temporaries live in host memory
-        malloc.keep_freed_memory()
+    cpu.tune_process(mesh)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if cfg.train.batch_size % shards:
         raise config.ConfigError(
@@ -117,7 +116,6 @@ def main(argv: list[str] | None = None) -> int:
 def _run(cfg: config.Config, topo: distributed.Topology, mesh: Mesh, meta: data.Meta,
          lock: runlock.RunLock) -> int:
     """Everything after the run lock is held: state, restore, the loop."""
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
     ckpt = checkpoint.Checkpointer(cfg.train.out_dir, cfg.checkpoint)
     resuming = ckpt.latest_step() is not None
     pretrained = None
@@ -147,8 +145,7 @@ def _run(cfg: config.Config, topo: distributed.Topology, mesh: Mesh, meta: data.
     batch_shape = (t.gradient_accumulation_steps, t.batch_size, m.block_size + 1)
     eval_shape = (t.eval_iters, t.batch_size, m.block_size + 1)
     steps = jit_steps(run.static, run.tx, cfg.optim, run.shardings, batch_sh, batch_sh,
-                      sharding.replicated(mesh),
-                      eval_group(t.eval_iters, t.batch_size // shards, m.block_size))
+                      sharding.replicated(mesh))
     # Both steps compile in the background while the state is created or restored.
     train_batch = jax.ShapeDtypeStruct(batch_shape, np.int32, sharding=batch_sh)
     steps = compile_ahead(steps, run.abstract, None if t.eval_only else train_batch,
