@@ -16,7 +16,7 @@ from jax.sharding import Mesh, NamedSharding
 from nanojaxgpt import sharding
 from nanojaxgpt.config import Config, ConfigError
 from nanojaxgpt.state import TrainSetup, setup
-from nanojaxgpt.step import Steps, eval_group, jit_steps
+from nanojaxgpt.step import Steps, jit_steps
 
 
 @dataclass(frozen=True)
@@ -57,8 +57,7 @@ def build(cfg: Config, mesh: Mesh) -> Program:
     run = setup(cfg, mesh)
     batch_sh = sharding.batch_sharding(mesh, 3, 1)  # [steps or micro-batches, batch, tokens]
     steps = jit_steps(run.static, run.tx, cfg.optim, run.shardings, batch_sh, batch_sh,
-                      sharding.replicated(mesh),
-                      eval_group(t.eval_iters, t.batch_size // batch_shards(mesh), m.block_size))
+                      sharding.replicated(mesh))
     batch = jax.ShapeDtypeStruct((t.gradient_accumulation_steps, t.batch_size, m.block_size + 1),
                                  np.int32, sharding=batch_sh)
     eval_batch = jax.ShapeDtypeStruct((t.eval_iters, t.batch_size, m.block_size + 1), np.int32,

@@ -19,7 +19,7 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding
 from jaxtyping import PyTree
 
-from nanojaxgpt import checkpoint, config, data, distributed, malloc, metrics, sharding, storage
+from nanojaxgpt import checkpoint, config, cpu, data, distributed, metrics, sharding, storage
 from nanojaxgpt import model as gpt
 from nanojaxgpt import program, runlock
 from nanojaxgpt.cli import hard_exit, run_command
@@ -96,8 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     exit_during_startup()  # jax.distributed installs its own SIGTERM handler
     distributed.setup_logging(topo)
     mesh = sharding.make_mesh(cfg.mesh)
-    if sharding.on_cpu(mesh):  # the steps' temporaries live in host memory
-        malloc.keep_freed_memory()
+    cpu.tune_process(mesh)
     program.check(cfg, mesh)  # before the run lock: a bad batch size touches nothing
     meta = data.read_meta(cfg.data.data_dir)
     if not storage.bucket_exists(cfg.train.out_dir):  # every host stops here, before any collective
