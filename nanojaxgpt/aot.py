@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import math
+import os
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -25,6 +26,7 @@ from nanojaxgpt import model as gpt
 from nanojaxgpt.config import Config, ConfigError
 
 LIBTPU_LOCK = "/tmp/libtpu.lock"  # one process at a time may open libtpu on a machine
+LIBTPU_OWN_LOCK = "/tmp/libtpu_lockfile"
 GIB = 2**30
 
 
@@ -54,6 +56,12 @@ def libtpu_lock(topo: topology.Topology):
         except BlockingIOError:
             print(f"waiting for {LIBTPU_LOCK} (another process is using libtpu)", flush=True)
             fcntl.flock(f, fcntl.LOCK_EX)
+        # libtpu's own lock file exists while any process has libtpu open, also one that did
+        # not take LIBTPU_LOCK: opening libtpu then fails outright, so wait for it to go.
+        if os.path.exists(LIBTPU_OWN_LOCK):
+            print(f"waiting for {LIBTPU_OWN_LOCK} to go (a process has libtpu open)", flush=True)
+            while os.path.exists(LIBTPU_OWN_LOCK):
+                time.sleep(2)
         yield
 
 
@@ -139,12 +147,16 @@ def compile_step(cfg: Config, topo: topology.Topology):
     return compiled, mesh, time.perf_counter() - t0
 
 
-def report(cfg: Config, topo: topology.Topology) -> Report:
-    """Compile the train step of cfg for topo and measure it; raises OutOfMemory."""
+def report(cfg: Config, topo: topology.Topology, hlo_file: str | None = None) -> Report:
+    """Compile the train step of cfg for topo and measure it; raises OutOfMemory.
+    hlo_file: where to write the compiled per-device HLO text (to read it yourself)."""
     with libtpu_lock(topo):
         compiled, mesh, seconds = compile_step(cfg, topo)
         mem = compiled.memory_analysis()
         text = compiled.as_text()
+    if hlo_file:
+        with open(hlo_file, "w") as f:
+            f.write(text)
     chips = mesh.devices.size
     seq = cfg.train.batch_size / program.batch_shards(mesh)
     run = hlo.analyze(text)

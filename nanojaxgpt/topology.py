@@ -5,14 +5,14 @@ jax.experimental.topologies; the CUDA plugin does the same for a GPU node from a
 description. Each entry carries the per-chip figures a roofline needs.
 
 Chip figures (per chip, dense bfloat16), from the vendors' published specifications:
-  TPU v4   275 TFLOP/s, 32 GiB HBM at 1,200 GB/s, ICI 6 links x 45 GB/s-ish = 2,400 Gbit/s
+  TPU v4   275 TFLOP/s, 32 GiB HBM at 1,200 GB/s, ICI 2,400 Gbit/s
   TPU v5e  197 TFLOP/s, 16 GiB HBM at   819 GB/s, ICI 1,600 Gbit/s
   TPU v5p  459 TFLOP/s, 95 GiB HBM at 2,765 GB/s, ICI 4,800 Gbit/s
   TPU v6e  918 TFLOP/s, 32 GiB HBM at 1,640 GB/s, ICI 3,200 Gbit/s
   H100 SXM 989 TFLOP/s, 80 GB HBM3 at 3,350 GB/s, NVLink 900 GB/s
-`hbm_gib` is what the compiler lets a program use (the chip's HBM less what the runtime keeps),
-as the TPU compiler reports it in its out-of-memory errors; the GPU figure is XLA:GPU's default
-client allocation (75% of 80 GB would be the BFC default; compile-only gives no limit, see aot.py).
+`hbm_gib` is what one program may use: for TPUs the limit the TPU compiler states in its
+out-of-memory errors (e.g. "exceeds available HBM (30.75G)" on v4); for the H100 JAX's default
+GPU allocation, 75% of the 79.1 GiB the device reports (XLA_PYTHON_CLIENT_MEM_FRACTION=.75).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ V4 = Chip("TPU v4", 275e12, 30.75, 1.2e12, 2400e9 / 8)
 V5E = Chip("TPU v5e", 197e12, 15.75, 819e9, 1600e9 / 8)
 V5P = Chip("TPU v5p", 459e12, 95.74, 2765e9, 4800e9 / 8)
 V6E = Chip("TPU v6e", 918e12, 31.25, 1640e9, 3200e9 / 8)
-H100 = Chip("H100 SXM", 989e12, 79.0, 3350e9, 900e9 / 2)  # NVLink 900 GB/s is both directions
+H100 = Chip("H100 SXM", 989e12, 59.3, 3350e9, 900e9 / 2)  # NVLink 900 GB/s is both directions
 
 TOPOLOGIES = {t.name: t for t in [
     Topology("v4-8", V4, "tpu", "v4:2x2x1", "megacore"),

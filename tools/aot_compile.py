@@ -1,10 +1,11 @@
 """Check a config on a TPU slice or GPU node before booking it: compile its real train step here.
 
     pip install -e ".[tpu]"          # the TPU compiler (libtpu); no TPU needed
-    python tools/aot_compile.py configs/gpt2_124m.toml --topology=v5e-16 [--key=value ...] [--json FILE]
+    python tools/aot_compile.py configs/gpt2_124m.toml --topology=v5e-16 [--key=value ...] [--json FILE] [--hlo FILE]
 
 Prints per chip: memory (arguments, temporaries, total vs HBM), sequences per chip, collective
 bytes per step by kind, FLOPs per step, and a roofline step time with the MFU it implies.
+--json writes the figures below as JSON; --hlo the compiled per-device HLO text.
 Exit codes: 0 fits, 3 does not fit (the message says what to change), 2 a bad config or flag.
 Topologies: v4-8 v4-32 v4-32x2 v5p-8 v5e-16 v5e-16x2 v5e-256 v6e-8 h100x8 (x2 = two slices).
 A compile takes 1 to 4 minutes on 2 cores; only one process at a time can use libtpu.
@@ -42,6 +43,7 @@ def _take(argv: list[str], flag: str) -> tuple[str | None, list[str]]:
 def main(argv: list[str]) -> int:
     name, argv = _take(argv, "topology")
     out, argv = _take(argv, "json")
+    hlo_file, argv = _take(argv, "hlo")
     if name is None or name not in topology.TOPOLOGIES:
         raise config.ConfigError(f"--topology={name}: choose one of {', '.join(topology.TOPOLOGIES)}")
     topo = topology.TOPOLOGIES[name]
@@ -49,7 +51,7 @@ def main(argv: list[str]) -> int:
         raise config.ConfigError("usage: tools/aot_compile.py CONFIG --topology=NAME [--key=value ...]")
     cfg = config.load(argv[0], argv[1:])
     try:
-        r = aot.report(cfg, topo)
+        r = aot.report(cfg, topo, hlo_file)
     except aot.OutOfMemory as e:
         if out:
             Path(out).write_text(json.dumps(e.to_json(name), indent=2))
