@@ -56,13 +56,23 @@ def libtpu_lock(topo: topology.Topology):
         except BlockingIOError:
             print(f"waiting for {LIBTPU_LOCK} (another process is using libtpu)", flush=True)
             fcntl.flock(f, fcntl.LOCK_EX)
-        # libtpu's own lock file exists while any process has libtpu open, also one that did
-        # not take LIBTPU_LOCK: opening libtpu then fails outright, so wait for it to go.
-        if os.path.exists(LIBTPU_OWN_LOCK):
-            print(f"waiting for {LIBTPU_OWN_LOCK} to go (a process has libtpu open)", flush=True)
-            while os.path.exists(LIBTPU_OWN_LOCK):
+        # A process that opened libtpu without LIBTPU_LOCK holds a lock on libtpu's own lock
+        # file (which stays behind when it exits): opening libtpu then fails, so wait for it.
+        if _locked(LIBTPU_OWN_LOCK):
+            print(f"waiting for the process that has {LIBTPU_OWN_LOCK} locked", flush=True)
+            while _locked(LIBTPU_OWN_LOCK):
                 time.sleep(2)
         yield
+
+
+def _locked(path: str) -> bool:
+    """Some process holds a lock (flock or fcntl) on `path`, as /proc/locks lists them."""
+    try:
+        inode = os.stat(path).st_ino
+        with open("/proc/locks") as f:
+            return any(line.split()[5].endswith(f":{inode}") for line in f if len(line.split()) > 5)
+    except (OSError, IndexError):
+        return False
 
 
 def make_mesh(cfg: Config, topo: topology.Topology, devices: list) -> Mesh:

@@ -267,6 +267,8 @@ def _traffic(ins: Instr, shapes: dict[str, str], comps: dict[str, Computation]) 
     """HBM bytes one top-level instruction moves: its operands read, its result written; a
     slice of a big buffer reads the slice, an in-place update writes the update."""
     operand = [nbytes(shapes.get(o, "")) for o in ins.operands]
+    if ins.op in ("dynamic-slice", "dynamic-update-slice") and len(operand) < 2:
+        return 0.0
     if ins.op == "dynamic-slice":
         return 2 * nbytes(ins.type)
     if ins.op == "dynamic-update-slice":
@@ -278,7 +280,8 @@ def _traffic(ins: Instr, shapes: dict[str, str], comps: dict[str, Computation]) 
             reads, upd = _sliced_reads(comps[callee.group(1)], comps)
             operand = [reads.get(k, b) for k, b in enumerate(operand)]
             written = written if upd is None else upd
-    return written + sum(operand)
+    once = {o: b for o, b in zip(ins.operands, operand)}  # a value passed twice is read once
+    return written + sum(once.values())
 
 
 def collective_kind(op: str) -> str | None:
