@@ -64,7 +64,7 @@ def arrays(type_text: str) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def nbytes(type_text: str) -> float:
-    return sum(_BYTES[dt] * math.prod(dims) for dt, dims in arrays(type_text))
+    return float(sum(_BYTES[dt] * math.prod(dims) for dt, dims in arrays(type_text)))
 
 
 def _split_type(rest: str) -> tuple[str, str]:
@@ -270,7 +270,7 @@ def _traffic(ins: Instr, shapes: dict[str, str], comps: dict[str, Computation]) 
     if ins.op in ("dynamic-slice", "dynamic-update-slice") and len(operand) < 2:
         return 0.0
     if ins.op == "dynamic-slice":
-        return 2 * nbytes(ins.type)
+        return 2.0 * nbytes(ins.type)
     if ins.op == "dynamic-update-slice":
         return 2 * operand[1]
     written = nbytes(ins.type)
@@ -281,7 +281,7 @@ def _traffic(ins: Instr, shapes: dict[str, str], comps: dict[str, Computation]) 
             operand = [reads.get(k, b) for k, b in enumerate(operand)]
             written = written if upd is None else upd
     once = {o: b for o, b in zip(ins.operands, operand)}  # a value passed twice is read once
-    return written + sum(once.values())
+    return float(written + sum(once.values()))
 
 
 def collective_kind(op: str) -> str | None:
