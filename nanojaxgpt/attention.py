@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
+from nanojaxgpt import sharding
 from nanojaxgpt.config import ModelConfig
 from nanojaxgpt.layers import Linear, dropout, residual_std
 
@@ -82,9 +83,9 @@ def _splash_kernel(n_head: int, t: int, interpret: bool):
 
 def splash_attention(q_THD: Array, k_THD: Array, v_THD: Array, *, interpret: bool = False) -> Array:
     """Causal attention with the Pallas TPU splash kernel (which wants [H, T, D] and unscaled logits)."""
-    if not interpret and jax.default_backend() != "tpu":
-        raise RuntimeError(f"attention='splash' is the TPU Pallas kernel, but this JAX backend is "
-                           f"{jax.default_backend()!r}; use attention='xla' (any backend) or "
+    if not interpret and sharding.platform() != "tpu":
+        raise RuntimeError(f"attention='splash' is the TPU Pallas kernel, but the devices are "
+                           f"{sharding.platform()!r}; use attention='xla' (any backend) or "
                            "'cudnn' (NVIDIA GPUs)")
     t, n_head, head_dim = q_THD.shape
     if t % 128:
@@ -117,7 +118,7 @@ class CausalSelfAttention(eqx.Module):
         self.rope = cfg.position == "rope"
 
     def qkv(self, x_TE: Array, rope: Rope | None) -> tuple[Array, Array, Array]:
-        qkv_T3HD = self.c_attn(x_TE)
+        qkv_T3HD = sharding.constrain(self.c_attn(x_TE), ("seq", None, "heads", None))
         q, k, v = qkv_T3HD[:, 0], qkv_T3HD[:, 1], qkv_T3HD[:, 2]
         if self.rope:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
@@ -129,17 +130,19 @@ class CausalSelfAttention(eqx.Module):
         if self.kernel == "xla" or (self.dropout_rate > 0 and not inference):
             return reference_attention(q_THD, k_THD, v_THD, causal_mask(q_THD.shape[0]),
                                        dropout_rate=self.dropout_rate, key=key, inference=inference)
-        if self.kernel == "splash":
-            return splash_attention(q_THD, k_THD, v_THD)
         if self.kernel == "cudnn" and q_THD.dtype not in (jnp.bfloat16, jnp.float16):
             raise ValueError(f"attention='cudnn' (cuDNN flash attention) runs in bfloat16 or float16, "
                              f"not {q_THD.dtype}: set compute_dtype='bfloat16' or attention='xla'")
-        return jax.nn.dot_product_attention(q_THD, k_THD, v_THD, is_causal=True,
-                                            implementation=self.kernel)
+        # The fused kernels cannot be partitioned by XLA: each chip runs them on its own sequences
+        # (and heads, under tensor parallelism).
+        kernel = (splash_attention if self.kernel == "splash" else functools.partial(
+            jax.nn.dot_product_attention, is_causal=True, implementation=self.kernel))
+        return sharding.per_shard(kernel, ("seq", "heads", None))(q_THD, k_THD, v_THD)
 
     def __call__(self, x_TE: Array, rope: Rope | None, *, key: PRNGKeyArray | None = None,
                  inference: bool = False) -> Array:
         k_attn, k_resid = jax.random.split(key) if key is not None else (None, None)
         q, k, v = self.qkv(x_TE, rope)
-        y_THD = self.attend(q, k, v, key=k_attn, inference=inference)
+        y_THD = sharding.constrain(self.attend(q, k, v, key=k_attn, inference=inference),
+                                   ("seq", "heads", None))
         return dropout(self.c_proj(y_THD), self.dropout_rate, k_resid, inference)

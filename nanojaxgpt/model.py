@@ -24,6 +24,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 from nanojaxgpt.attention import CausalSelfAttention, Rope, rope_at
+from nanojaxgpt.sharding import constrain
 from nanojaxgpt.config import ModelConfig
 from nanojaxgpt.layers import Embedding, LayerNorm, Linear, RMSNorm, dropout, norm, residual_std
 
@@ -67,9 +68,10 @@ class MLP(eqx.Module):
     def __call__(self, x_TE: Array, *, key: PRNGKeyArray | None = None, inference: bool = False) -> Array:
         h = self.c_fc(x_TE)
         if self.swiglu:
+            h = constrain(h, ("seq", None, "mlp"))
             h = jax.nn.silu(h[:, 0]) * h[:, 1]
         else:
-            h = jax.nn.gelu(h, approximate=True)  # GPT-2's "gelu_new"
+            h = jax.nn.gelu(constrain(h, ("seq", "mlp")), approximate=True)  # GPT-2's "gelu_new"
         return dropout(self.c_proj(h), self.dropout_rate, key, inference)
 
 
@@ -89,8 +91,11 @@ class Block(eqx.Module):
     def __call__(self, x_TE: Array, rope: Rope | None, *, key: PRNGKeyArray | None = None,
                  inference: bool = False) -> Array:
         k1, k2 = jax.random.split(key) if key is not None else (None, None)
-        x_TE = x_TE + self.attn(self.ln_1(x_TE), rope, key=k1, inference=inference)
-        return x_TE + self.mlp(self.ln_2(x_TE), key=k2, inference=inference)
+        # The residual stream keeps the whole width on every chip (weights are gathered for use).
+        x_TE = constrain(x_TE + self.attn(self.ln_1(x_TE), rope, key=k1, inference=inference),
+                         ("seq", "act_embed"))
+        return constrain(x_TE + self.mlp(self.ln_2(x_TE), key=k2, inference=inference),
+                         ("seq", "act_embed"))
 
 
 def _remat(fn: Callable, policy: str, scan: bool) -> Callable:
@@ -155,8 +160,8 @@ class GPT(eqx.Module):
         """ln_f, then logits against the tied embedding in float32; padding logits masked."""
         cfg = self.config
         x = self.ln_f(x_TE)
-        logits = jnp.einsum("te,ve->tv", x, self.wte.weight.astype(x.dtype),
-                            preferred_element_type=jnp.float32)
+        logits = constrain(jnp.einsum("te,ve->tv", x, self.wte.weight.astype(x.dtype),
+                                      preferred_element_type=jnp.float32), ("seq", "vocab"))
         if cfg.padded_vocab_size == cfg.vocab_size:
             return logits
         real = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
@@ -176,7 +181,8 @@ class GPT(eqx.Module):
             keys = jax.random.split(key, cfg.n_layer)
         else:
             k_embd = keys = None
-        x = dropout(self.embed(idx_T, positions), cfg.dropout, k_embd, inference)
+        x = constrain(self.embed(idx_T, positions), ("seq", "act_embed"))
+        x = dropout(x, cfg.dropout, k_embd, inference)
         rope = self.rope(positions)
 
         def layer(block: Block, x_TE: Array, k: PRNGKeyArray | None) -> Array:

@@ -2,13 +2,21 @@
 
 Parallelism is configuration: FSDP shards `embed` over the `fsdp` axis, tensor parallelism shards
 `heads`/`mlp`/`vocab` over `tensor`, data parallelism shards `batch` over (`data`, `fsdp`).
-The model only names its axes (nanojaxgpt.model.logical_axes); this module maps names to devices.
+The model only names its axes, of weights (nanojaxgpt.model.logical_axes) and of activations
+(`constrain`, `vmap`, `per_shard` below); this module maps names to devices.
+
+Activations are laid out while a step is traced inside `activations(mesh)`: every chip then
+computes only its own sequences, with whole (gathered) weights; outside it (sampling, a single
+device) the helpers do nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import jax
@@ -23,12 +31,34 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # Logical axis name -> mesh axes. Names not listed (layers, position, qkv, head_dim, seq) are
 # never sharded. A dimension the mesh axes do not divide evenly is replicated instead.
 RULES: dict[str, tuple[str, ...]] = {
-    "batch": ("data", "fsdp"),
-    "embed": ("fsdp",),
+    "batch": ("data", "fsdp"),  # the sequences of a batch: each chip computes only its own
+    "replica": ("data",),  # data-parallel copies of the model: gradients summed once per step
+    "embed": ("fsdp",),  # weights: FSDP keeps 1/fsdp of each on a chip ...
+    "act_embed": (),  # ... activations the whole width: weights are gathered for use
     "vocab": ("tensor",),
     "heads": ("tensor",),
     "mlp": ("tensor",),
 }
+
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """While a step is traced: the mesh its activations are laid out on, the mesh axes that an
+    enclosing `vmap` already maps (a dimension can use each mesh axis only once), and whether
+    the code runs per chip (inside `per_shard`: nothing left to lay out)."""
+    mesh: Mesh
+    taken: frozenset[str] = frozenset()
+    per_chip: bool = False
+
+    @property
+    def active(self) -> bool:
+        return self.mesh.size > 1 and not self.per_chip
+
+
+_LAYOUT: contextvars.ContextVar[_Layout | None] = contextvars.ContextVar(
+    "nanojaxgpt_layout", default=None)
+
 
 
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
@@ -56,9 +86,10 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
-def mesh_spec(logical: P, shape: Sequence[int], mesh: Mesh) -> P:
-    """Logical names -> mesh axes for one array; each mesh axis is used at most once."""
-    used: set[str] = set()
+def mesh_spec(logical: P, shape: Sequence[int], mesh: Mesh, taken: Sequence[str] = ()) -> P:
+    """Logical names -> mesh axes for one array; each mesh axis is used at most once (and
+    never one of `taken`)."""
+    used: set[str] = set(taken)
     out = []
     for name, dim in zip(logical, shape, strict=True):
         axes = tuple(a for a in RULES.get(name, ()) if a not in used and mesh.shape[a] > 1)
@@ -74,11 +105,6 @@ def named_shardings(mesh: Mesh, logical_tree: Any, shapes_tree: Any) -> Any:
     """Pytree of logical `P`s + matching pytree of arrays/ShapeDtypeStructs -> NamedShardings."""
     return jax.tree.map(lambda spec, x: NamedSharding(mesh, mesh_spec(spec, x.shape, mesh)),
                         logical_tree, shapes_tree)
-
-
-def on_cpu(mesh: Mesh) -> bool:
-    """The mesh is of CPU devices: XLA:CPU-only tuning applies (compiler options, malloc)."""
-    return mesh.devices.flat[0].platform == "cpu"
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -112,3 +138,95 @@ def host_local_array(global_shape: tuple[int, ...], sharding: NamedSharding, rea
         return picked.reshape(rows.shape + data.shape[1:])[..., idx[-1]]
 
     return jax.make_array_from_callback(global_shape, sharding, block)
+
+
+@contextlib.contextmanager
+def _using(layout: _Layout | None) -> Iterator[None]:
+    token = _LAYOUT.set(layout)
+    try:
+        yield
+    finally:
+        _LAYOUT.reset(token)
+
+
+def activations(mesh: Mesh) -> contextlib.AbstractContextManager[None]:
+    """Lay out activations on `mesh` (by RULES) in what is traced inside (no-op on one device)."""
+    return _using(_Layout(mesh))
+
+
+def _active() -> _Layout | None:
+    layout = _LAYOUT.get()
+    return layout if layout is not None and layout.active else None
+
+
+def _mapped(layout: _Layout, name: str, size: int) -> tuple[str, ...]:
+    """The mesh axes a dimension of `size` named `name` is split over."""
+    axes = mesh_spec(P(name), (size,), layout.mesh, layout.taken)[0]
+    return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """x laid out as its logical dim names say (under `vmap`, the mapped dim is not named here)."""
+    if (layout := _active()) is None:
+        return x
+    spec = mesh_spec(P(*names), x.shape, layout.mesh, layout.taken)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(layout.mesh, spec))
+
+
+def vmap(f: Callable, name: str, size: int, **vmap_kwargs: Any) -> Callable:
+    """jax.vmap over a dimension of `size` named `name`: on the active mesh, the mapped dimension
+    of every constrained activation and every `per_shard` kernel inside is split by RULES[name]
+    (jax.vmap's spmd_axis_name), so that the chips share the mapped items instead of each
+    computing all of them."""
+    if (layout := _active()) is None:
+        return jax.vmap(f, **vmap_kwargs)
+    axes = _mapped(layout, name, size)
+    inner_layout = replace(layout, taken=layout.taken | set(axes))
+
+    def inner(*args: Any) -> Any:
+        with _using(inner_layout):
+            return f(*args)
+
+    return jax.vmap(inner, spmd_axis_name=axes or None, **vmap_kwargs)
+
+
+def split(name: str, size: int) -> int:
+    """Into how many parts the active mesh splits a dimension of `size` named `name` (1: none)."""
+    if (layout := _active()) is None:
+        return 1
+    return math.prod(layout.mesh.shape[a] for a in _mapped(layout, name, size))
+
+
+def stacked(shardings: Any, name: str, size: int) -> Any:
+    """Shardings of arrays with a new leading dim of `size` named `name` before each of these."""
+    if (layout := _active()) is None:
+        return shardings
+    axes = _mapped(layout, name, size)
+    lead = None if not axes else axes[0] if len(axes) == 1 else axes
+    return jax.tree.map(lambda s: NamedSharding(s.mesh, P(lead, *s.spec)), shardings)
+
+
+def per_shard(f: Callable, names: Sequence[str | None]) -> Callable:
+    """f(*arrays) -> array run on each chip's own shard: for kernels XLA cannot partition (Pallas,
+    cuDNN). The arguments and the result have dims named `names` (the result the first argument's
+    shape); under `vmap`, the mapped dims are split as that vmap says."""
+    if (layout := _active()) is None:
+        return f
+
+    def local(*args: Any) -> Any:
+        with _using(replace(layout, per_chip=True)):
+            return f(*args)
+
+    def run(*args: jax.Array) -> jax.Array:
+        specs = [mesh_spec(P(*names), a.shape, layout.mesh, layout.taken) for a in args]
+        return jax.shard_map(local, mesh=layout.mesh, in_specs=tuple(specs), out_specs=specs[0],
+                             check_vma=False)(*args)
+
+    return run
+
+
+def platform() -> str:
+    """The platform that what is being traced will run on: the mesh's devices, else the default
+    device's. Decided by the devices, so a TPU program traces on a host without a TPU."""
+    layout = _LAYOUT.get()
+    return (layout.mesh.devices.flat[0] if layout is not None else jax.devices()[0]).platform

@@ -15,15 +15,9 @@ import optax
 from jax.sharding import Mesh
 
 from nanojaxgpt import model as gpt
-from nanojaxgpt import optim, sharding
+from nanojaxgpt import cpu, optim, sharding
 from nanojaxgpt.config import Config
 from nanojaxgpt.step import State, init_state
-
-
-# XLA:CPU only: LLVM at -O2 instead of -O3 for the one-off init. Measured on 2 cores: its compile
-# takes 0.6 s instead of 1.8 s for the CPU quick-start model and for GPT-2 124M alike, and the
-# parameters are bitwise the same (-O0 changes them). Ignored off CPU.
-CPU_INIT_OPTIONS = {"xla_backend_optimization_level": 2}
 
 
 def _is_array(x: Any) -> bool:
@@ -45,9 +39,8 @@ class TrainSetup:
             model = gpt.GPT(cfg.model, key=jax.random.key(cfg.train.seed))
             return init_state(eqx.filter(model, eqx.is_array), tx, cfg.train.seed)
 
-        on_cpu = sharding.on_cpu(self.shardings["step"].mesh)
         return jax.jit(fresh, out_shardings=self.shardings,
-                       compiler_options=CPU_INIT_OPTIONS if on_cpu else None)()
+                       compiler_options=cpu.init_options(self.shardings["step"].mesh))()
 
     def from_params(self, params: Any, cfg: Config) -> State:
         """A state around given parameters (e.g. GPT-2 weights), placed in the state's shardings."""

@@ -1,5 +1,9 @@
 """Pure train and eval steps: float32 cross-entropy, gradient accumulation as a scan, AdamW.
 
+On a mesh (traced inside sharding.activations) each chip computes only its own sequences. The
+data-parallel replicas ("replica", the `data` mesh axis) each keep their own float32 gradient sum
+through the accumulation scan; the sum crosses the replicas once per optimizer step.
+
 The train state is a plain dict of arrays, so Orbax saves it as is:
     {"model": GPT arrays, "opt_state": optax state, "step": int32 [], "key": uint32 [2]}
 The static half of the model (its config and structure) is closed over, never traced.
@@ -7,6 +11,7 @@ The static half of the model (its config and structure) is closed over, never tr
 
 from __future__ import annotations
 
+import functools
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from collections.abc import Callable
@@ -19,7 +24,7 @@ import optax
 from jax.sharding import NamedSharding
 from jaxtyping import Array, Float, Int, PyTree
 
-from nanojaxgpt import optim, sharding
+from nanojaxgpt import cpu, optim, sharding
 from nanojaxgpt.config import OptimConfig
 
 State = dict[str, Any]
@@ -35,15 +40,17 @@ def cross_entropy(logits: Float[Array, "*B T V"], targets: Int[Array, "*B T"]) -
 
 
 def loss_fn(params: PyTree, static: PyTree, tokens: Int[Array, "B T1"],
-            key: jax.Array | None) -> Float[Array, ""]:
-    """Loss of a batch of windows of block_size+1 tokens: predict tokens[:, 1:] from tokens[:, :-1]."""
+            keys: jax.Array | None) -> Float[Array, ""]:
+    """Loss of a batch of windows of block_size+1 tokens: predict tokens[:, 1:] from tokens[:, :-1].
+
+    keys: one dropout key per sequence, or None for evaluation (no dropout)."""
     model = eqx.combine(params, static)
     x, y = tokens[:, :-1], tokens[:, 1:]
-    if key is None:  # evaluation: no dropout
-        logits = jax.vmap(lambda xi: model(xi, inference=True))(x)
+    batched = functools.partial(sharding.vmap, name="batch", size=x.shape[0])
+    if keys is None:
+        logits = batched(lambda xi: model(xi, inference=True))(x)
     else:
-        keys = jax.random.split(key, x.shape[0])
-        logits = jax.vmap(lambda xi, ki: model(xi, key=ki))(x, keys)
+        logits = batched(lambda xi, ki: model(xi, key=ki))(x, keys)
     return cross_entropy(logits, y)
 
 
@@ -57,29 +64,48 @@ def train_step(state: State, tokens: Int[Array, "A B T1"], *, static: PyTree,
                param_shardings: PyTree | None = None) -> tuple[State, dict[str, Array]]:
     """One optimizer step over A accumulated micro-batches of B sequences each."""
     params, step = state["model"], state["step"]
-    # Dropout randomness is a pure function of (seed, step): a resumed run draws the same masks.
+    n, b, t1 = tokens.shape
+    # Dropout randomness is a pure function of (seed, step, micro-batch, row): a resumed run, or
+    # one on another mesh, draws the same masks.
     key = jax.random.fold_in(jax.random.wrap_key_data(state["key"]), step)
-    micro_keys = jax.random.split(key, tokens.shape[0])
+    row_keys = jax.vmap(lambda k: jax.random.split(k, b))(jax.random.split(key, n))  # [A, B]
     grad_fn = jax.value_and_grad(loss_fn)
+    # R data-parallel replicas, each with B/R sequences of every micro-batch (the rows of one
+    # replica lie on its devices already): each sums its own gradients over the A micro-steps,
+    # so nothing crosses the replicas inside the loop.
+    r = sharding.split("replica", b)
+    if r == 1:
+        def micro_step(micro_tokens, micro_keys):
+            return grad_fn(params, static, micro_tokens, micro_keys)
+        sum_shardings = param_shardings
+    else:
+        per_replica = sharding.vmap(lambda t, k: grad_fn(params, static, t, k), "replica", r)
+
+        def micro_step(micro_tokens, micro_keys):
+            return per_replica(micro_tokens.reshape(r, b // r, t1), micro_keys.reshape(r, b // r))
+        sum_shardings = (None if param_shardings is None
+                         else sharding.stacked(param_shardings, "replica", r))
 
     def constrain(tree):
-        if param_shardings is None:
-            return tree
-        return jax.lax.with_sharding_constraint(tree, param_shardings)
+        return tree if sum_shardings is None else jax.lax.with_sharding_constraint(tree, sum_shardings)
 
     def accumulate(carry, xs):
         grad_sum, loss_sum = carry
-        micro_tokens, micro_key = xs
-        loss, grads = grad_fn(params, static, micro_tokens, micro_key)
+        loss, grads = micro_step(*xs)
         return (constrain(jax.tree.map(jnp.add, grad_sum, grads)), loss_sum + loss), None
 
-    n = tokens.shape[0]
     if n == 1:  # no accumulation: a one-trip loop would only block fusion and copy the grads
-        loss_sum, grad_sum = grad_fn(params, static, tokens[0], micro_keys[0])
+        loss_sum, grad_sum = micro_step(tokens[0], row_keys[0])
     else:
-        zeros = constrain(jax.tree.map(jnp.zeros_like, params))
-        (grad_sum, loss_sum), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)),
-                                               (tokens, micro_keys))
+        lead = () if r == 1 else (r,)
+        zeros = constrain(jax.tree.map(lambda p: jnp.zeros(lead + p.shape, p.dtype), params))
+        (grad_sum, loss_sum), _ = jax.lax.scan(
+            accumulate, (zeros, jnp.zeros(lead, jnp.float32)), (tokens, row_keys))
+    if r > 1:  # the one reduction across replicas, of float32 sums
+        grad_sum = jax.tree.map(lambda g: g.sum(0) / r, grad_sum)
+        loss_sum = loss_sum.sum() / r
+        if param_shardings is not None:
+            grad_sum = jax.lax.with_sharding_constraint(grad_sum, param_shardings)
     grads = jax.tree.map(lambda g: g / n, grad_sum)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_state = {"model": optax.apply_updates(params, updates), "opt_state": opt_state,
@@ -87,18 +113,6 @@ def train_step(state: State, tokens: Int[Array, "A B T1"], *, static: PyTree,
     metrics = {"loss": loss_sum / n, "grad_norm": optax.tree.norm(grads),
                "lr": optim.learning_rate(optim_cfg, step)}
     return new_state, metrics
-
-
-def eval_group(n_batches: int, batch_rows: int, block_size: int, max_tokens: int = 4096) -> int:
-    """How many eval batches to run as one forward pass: the most within `max_tokens` per device.
-
-    Many small batches (the CPU recipe: 12 x 64 tokens, 200 of them) waste the machine on
-    per-trip overhead, and a big pass falls out of the caches: measured on 2 CPU cores, 200
-    batches took 0.94 s one at a time, 0.84-0.85 s in groups of 4-5 (3-4k tokens per pass),
-    1.09 s in groups of 20 and 1.25 s in groups of 100. GPT-2-sized batches run one at a time.
-    """
-    fits = max(1, max_tokens // (batch_rows * block_size))
-    return max(g for g in range(1, n_batches + 1) if n_batches % g == 0 and g <= fits)
 
 
 def eval_loss(params: PyTree, tokens: Int[Array, "N B T1"], *, static: PyTree,
@@ -115,14 +129,6 @@ def eval_loss(params: PyTree, tokens: Int[Array, "N B T1"], *, static: PyTree,
     return total / grouped.shape[0]
 
 
-# XLA:CPU only: hand whole dot fusions (and reductions) to YNNPACK in the train step. Measured on
-# 2 cores, A/B interleaved in one process: the CPU quick-start step (4 x 128, 12 x 64 tokens) takes
-# 20.6 ms instead of 27.1, a 6 x 384 model 686 ms instead of 738. The eval forward pass is faster with
-# XLA's default (1.07 vs 1.15 s for 200 batches), so it keeps the default. Ignored off CPU.
-CPU_TRAIN_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
-                     "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
-
-
 @dataclass(frozen=True)
 class Steps:
     """The jitted steps of one run, with their input and output shardings fixed."""
@@ -133,16 +139,31 @@ class Steps:
 def jit_steps(static: PyTree, tx: optax.GradientTransformation, optim_cfg: OptimConfig,
               state_shardings: PyTree, batch_sharding: NamedSharding,
               eval_sharding: NamedSharding, replicated: NamedSharding,
-              eval_group_size: int = 1) -> Steps:
-    train = jax.jit(
-        lambda s, t: train_step(s, t, static=static, tx=tx, optim_cfg=optim_cfg,
-                                param_shardings=state_shardings["model"]),
-        in_shardings=(state_shardings, batch_sharding),
-        out_shardings=(state_shardings, replicated),
-        donate_argnums=0,  # the old state's buffers become the new state's: no second copy
-        compiler_options=CPU_TRAIN_OPTIONS if sharding.on_cpu(batch_sharding.mesh) else None)
-    evaluate = jax.jit(lambda p, t: eval_loss(p, t, static=static, group=eval_group_size),
-                       in_shardings=(state_shardings["model"], eval_sharding),
+              eval_group_size: int | None = None) -> Steps:
+    """The steps, traced with their activations laid out on the batch's mesh.
+
+    eval_group_size: batches per evaluation pass; None: what nanojaxgpt.cpu.eval_group picks for
+    the mesh and the evaluation tokens' shape (1 off CPU).
+    """
+    mesh = batch_sharding.mesh
+
+    def train_fn(s, t):
+        with sharding.activations(mesh):
+            return train_step(s, t, static=static, tx=tx, optim_cfg=optim_cfg,
+                              param_shardings=state_shardings["model"])
+
+    def eval_fn(p, t):
+        with sharding.activations(mesh):
+            n, b, t1 = t.shape
+            group = eval_group_size or cpu.eval_group(mesh, n, b // sharding.split("batch", b),
+                                                      t1 - 1)
+            return eval_loss(p, t, static=static, group=group)
+
+    train = jax.jit(train_fn, in_shardings=(state_shardings, batch_sharding),
+                    out_shardings=(state_shardings, replicated),
+                    donate_argnums=0,  # the old state's buffers become the new state's: no second copy
+                    compiler_options=cpu.train_options(mesh))
+    evaluate = jax.jit(eval_fn, in_shardings=(state_shardings["model"], eval_sharding),
                        out_shardings=replicated)
     return Steps(train=train, evaluate=evaluate)
 

@@ -19,16 +19,15 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding
 from jaxtyping import PyTree
 
-from nanojaxgpt import checkpoint, config, data, distributed, malloc, metrics, sharding, storage
+from nanojaxgpt import checkpoint, config, cpu, data, distributed, metrics, sharding, storage
 from nanojaxgpt import model as gpt
-from nanojaxgpt import runlock
+from nanojaxgpt import program, runlock
 from nanojaxgpt.cli import hard_exit, run_command
 from nanojaxgpt.feed import Feed
 from nanojaxgpt.preemption import Preemption, exit_during_startup
 from nanojaxgpt.profile import Profiler
 from nanojaxgpt.progress import Progress, peak_flops_per_device
-from nanojaxgpt.state import setup
-from nanojaxgpt.step import compile_ahead, eval_group, jit_steps
+from nanojaxgpt.step import compile_ahead
 
 log = logging.getLogger("nanojaxgpt.train")
 
@@ -97,13 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     exit_during_startup()  # jax.distributed installs its own SIGTERM handler
     distributed.setup_logging(topo)
     mesh = sharding.make_mesh(cfg.mesh)
-    if sharding.on_cpu(mesh):  # the steps' temporaries live in host memory
-        malloc.keep_freed_memory()
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if cfg.train.batch_size % shards:
-        raise config.ConfigError(
-            f"train.batch_size={cfg.train.batch_size} must be a multiple of mesh data x fsdp = "
-            f"{shards} (the batch is split over them); change --batch_size or the mesh")
+    cpu.tune_process(mesh)
+    program.check(cfg, mesh)  # before the run lock: a bad batch size touches nothing
     meta = data.read_meta(cfg.data.data_dir)
     if not storage.bucket_exists(cfg.train.out_dir):  # every host stops here, before any collective
         raise config.ConfigError(
@@ -117,7 +111,6 @@ def main(argv: list[str] | None = None) -> int:
 def _run(cfg: config.Config, topo: distributed.Topology, mesh: Mesh, meta: data.Meta,
          lock: runlock.RunLock) -> int:
     """Everything after the run lock is held: state, restore, the loop."""
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
     ckpt = checkpoint.Checkpointer(cfg.train.out_dir, cfg.checkpoint)
     resuming = ckpt.latest_step() is not None
     pretrained = None
@@ -142,17 +135,12 @@ def _run(cfg: config.Config, topo: distributed.Topology, mesh: Mesh, meta: data.
              topo.process_count, topo.global_device_count, dict(mesh.shape),
              rows * m.block_size, t.gradient_accumulation_steps, t.batch_size, m.block_size)
 
-    run = setup(cfg, mesh)
-    batch_sh = sharding.batch_sharding(mesh, 3, 1)  # [steps or micro-batches, batch, tokens]
-    batch_shape = (t.gradient_accumulation_steps, t.batch_size, m.block_size + 1)
-    eval_shape = (t.eval_iters, t.batch_size, m.block_size + 1)
-    steps = jit_steps(run.static, run.tx, cfg.optim, run.shardings, batch_sh, batch_sh,
-                      sharding.replicated(mesh),
-                      eval_group(t.eval_iters, t.batch_size // shards, m.block_size))
+    prog = program.build(cfg, mesh)  # the same steps tools/aot_compile.py checks ahead of time
+    run, batch_sh = prog.setup, prog.batch_sharding
+    batch_shape, eval_shape = prog.batch.shape, prog.eval_batch.shape
     # Both steps compile in the background while the state is created or restored.
-    train_batch = jax.ShapeDtypeStruct(batch_shape, np.int32, sharding=batch_sh)
-    steps = compile_ahead(steps, run.abstract, None if t.eval_only else train_batch,
-                          jax.ShapeDtypeStruct(eval_shape, np.int32, sharding=batch_sh))
+    steps = compile_ahead(prog.steps, prog.abstract, None if t.eval_only else prog.batch,
+                          prog.eval_batch)
     start = 0
     if resuming:
         restored = ckpt.restore(run.abstract)
