@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import NoReturn
 
 import jax
@@ -110,10 +111,10 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def cli(argv: list[str] | None = None) -> NoReturn:
+def cli(argv: list[str] | None = None, exit: Callable[[int], NoReturn] = sys.exit) -> NoReturn:  # noqa: A002
     # As nanojaxgpt.sample: ValueError covers hf.LoadError, data.DataError and HellaSwagError;
     # RuntimeError the checkpoint's, distributed's and the GPT-2 tokenizer's missing files.
-    run_command(main, argv, errors=(ValueError, OSError, RuntimeError))
+    run_command(main, argv, errors=(ValueError, OSError, RuntimeError), exit=exit)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from nanojaxgpt.config import MeshConfig
 from nanojaxgpt.model import GPT, logical_axes, with_runtime
 from nanojaxgpt.sample import padded_window
 
-Row = tuple[Sequence[int], int]  # (tokens, index of the first scored token, >= 1)
+Row = tuple[Sequence[int] | np.ndarray, int]  # (tokens, index of the first scored token, >= 1)
 
 
 def _row_losses(model: GPT, tokens: Int[Array, "R W1"], bounds: Int[Array, "R 2"]

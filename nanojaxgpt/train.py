@@ -19,7 +19,7 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding
 from jaxtyping import PyTree
 
-from nanojaxgpt import checkpoint, config, data, distributed, malloc, metrics, sharding, storage
+from nanojaxgpt import checkpoint, config, data, distributed, hellaswag, malloc, metrics, sharding, storage
 from nanojaxgpt import model as gpt
 from nanojaxgpt import runlock
 from nanojaxgpt.cli import hard_exit, run_command
@@ -143,6 +143,7 @@ def _run(cfg: config.Config, topo: distributed.Topology, mesh: Mesh, meta: data.
              rows * m.block_size, t.gradient_accumulation_steps, t.batch_size, m.block_size)
 
     run = setup(cfg, mesh)
+    hellaswag_scores = hellaswag.for_training(cfg, run.static, mesh, meta.tokenizer)  # {} when off
     batch_sh = sharding.batch_sharding(mesh, 3, 1)  # [steps or micro-batches, batch, tokens]
     batch_shape = (t.gradient_accumulation_steps, t.batch_size, m.block_size + 1)
     eval_shape = (t.eval_iters, t.batch_size, m.block_size + 1)
@@ -182,7 +183,8 @@ def _run(cfg: config.Config, topo: distributed.Topology, mesh: Mesh, meta: data.
     def evaluate(step: int, model: PyTree) -> None:
         losses = {s: float(steps.evaluate(model, toks)) for s, toks in eval_sets.items()}
         log.info("step %d: train loss %.4f, val loss %.4f", step, losses["train"], losses["val"])
-        tb.scalars(step, {"val/loss": losses["val"], "eval/train_loss": losses["train"]})
+        tb.scalars(step, {"val/loss": losses["val"], "eval/train_loss": losses["train"],
+                          **hellaswag_scores(step, model)})
 
     if t.eval_only:  # nanoGPT's eval_only: evaluate the restored (or initial) model and stop
         evaluate(start, state["model"])

@@ -13,25 +13,10 @@ from transformers import GPT2LMHeadModel
 
 from nanojaxgpt import hellaswag, hf, sharding, tokenizer
 from nanojaxgpt.config import MeshConfig
+from tests.eval_runs import RECORDS
 from tests.test_hf import save_tiny_gpt2
 
 N_POSITIONS = 64
-LONG = " ".join(["The crowd keeps cheering as the players run across the wide field."] * 6)
-RECORDS = [  # HellaSwag's format; the LONG context is cut from the left to fit 64 + 1 tokens
-    {"ctx": "A man is sitting on a roof. He", "label": 3,
-     "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
-                 "is holding a rubik's cube.", "starts pulling up roofing on a roof."]},
-    {"ctx": "A woman stands in a kitchen. She", "label": 0,
-     "endings": ["cracks two eggs into a bowl.", "flies.", "is a kitchen that stands in itself and "
-                 "then walks away slowly while singing.", "sits."]},
-    {"ctx": LONG, "label": 1,
-     "endings": ["The game ends.", "A player scores a goal and the crowd roars loudly.",
-                 "Birds.", "The referee blows the whistle to stop the match for a moment."]},
-    {"ctx": "Two dogs play in the snow. They", "label": 2,
-     "endings": ["chase", "sleep on the couch.", "roll around and bark at each other.", "eat cake."]},
-    {"ctx": "Ünïcode test: a café owner", "label": 1,
-     "endings": ["pours espresso.", "counts coins — 1, 2, 3.", "waves 👋.", "closes the shop."]},
-]
 
 
 def reference(model: GPT2LMHeadModel, record: dict, enc) -> tuple[np.ndarray, np.ndarray]:
