@@ -19,7 +19,8 @@ from tests.test_hf import save_tiny_gpt2
 N_POSITIONS = 64
 
 
-def reference(model: GPT2LMHeadModel, record: dict, enc) -> tuple[np.ndarray, np.ndarray]:
+def reference(model: GPT2LMHeadModel, record: dict, enc, n_positions: int = N_POSITIONS
+              ) -> tuple[np.ndarray, np.ndarray]:
     """llm.c dev/data/hellaswag.py: rows ctx + " " + ending zero-padded, mask on the ending,
     summed and mean cross-entropy of the masked targets; rows longer than the context are cut
     from the left (the model takes at most n_positions inputs)."""
@@ -28,8 +29,8 @@ def reference(model: GPT2LMHeadModel, record: dict, enc) -> tuple[np.ndarray, np
     for ending in record["endings"]:
         end = enc.encode(" " + ending)
         row, mask = ctx + end, [0] * len(ctx) + [1] * len(end)
-        rows.append(row[-(N_POSITIONS + 1):])
-        masks.append(mask[-(N_POSITIONS + 1):])
+        rows.append(row[-(n_positions + 1):])
+        masks.append(mask[-(n_positions + 1):])
     width = max(map(len, rows))
     tokens = torch.zeros((len(rows), width), dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
