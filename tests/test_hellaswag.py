@@ -109,3 +109,26 @@ def test_file_errors_are_one_line(tmp_path, monkeypatch):
     with pytest.raises(hellaswag.HellaSwagError, match="line 2 is not a HellaSwag record"):
         hellaswag.read_examples(bad)
     assert len(hellaswag.read_examples(bad, limit=1)) == 1
+
+
+def test_two_hosts_score_their_shares_and_print_the_reference(setup):
+    """The eval command as a 2-process jax.distributed job (2 devices each): the rows are spread
+    over 4 devices on 2 hosts, the results gathered; process 0 alone prints."""
+    from tests import multiprocess
+
+    code = f"""
+import jax
+from nanojaxgpt import eval
+try:
+    eval.cli(["--init_from={setup['dir']}", "--tasks=hellaswag", "--hellaswag_file={setup['file']}"])
+finally:
+    print("processes", jax.process_count(), "devices", jax.device_count())
+"""
+    env = {"TIKTOKEN_CACHE_DIR": os.environ.get("TIKTOKEN_CACHE_DIR")}
+    with multiprocess.launch(code, n_processes=2, local_device_count=2, env=env) as job:
+        results = job.wait(timeout=240)
+    assert [r.returncode for r in results] == [0, 0], results[0].output[-3000:] + results[1].output[-3000:]
+    expected = _expected_line(setup["expected"])
+    assert expected in results[0].output.splitlines()
+    assert expected not in results[1].output
+    assert all("processes 2 devices 4" in r.output for r in results)
