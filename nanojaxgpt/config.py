@@ -93,6 +93,9 @@ class TrainConfig:
     profile_start: int = -1  # first step of a JAX profiler trace into out_dir (-1: none)
     profile_steps: int = 3  # steps in that trace
     profile_all_hosts: bool = False  # every host writes a trace, not only process 0
+    hellaswag: bool = False  # HellaSwag accuracy at every eval (GPT-2 BPE data; nanojaxgpt/hellaswag.py)
+    hellaswag_file: str = ""  # hellaswag_val.jsonl; "" = the cached copy, downloaded once
+    hellaswag_limit: int = 0  # score the first N examples only (0 = all 10,042)
 
 
 @dataclass(frozen=True)
@@ -249,7 +252,8 @@ def _validate(cfg: Config) -> None:
                 "distributed.heartbeat_timeout_s": d.heartbeat_timeout_s}
     for k, v in positive.items():
         _check(v > 0, f"{k}={v} must be positive")
-    non_negative = {"train.max_iters": t.max_iters, "optim.warmup_iters": o.warmup_iters,
+    non_negative = {"train.max_iters": t.max_iters, "train.hellaswag_limit": t.hellaswag_limit,
+                    "optim.warmup_iters": o.warmup_iters,
                     "optim.lr_decay_iters": o.lr_decay_iters, "optim.weight_decay": o.weight_decay,
                     "optim.grad_clip": o.grad_clip}
     for k, v in non_negative.items():
@@ -353,7 +357,8 @@ def resolve_paths(cfg: Config) -> Config:
     return dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, data_dir=absolute(cfg.data.data_dir)),
         train=dataclasses.replace(cfg.train, out_dir=absolute(cfg.train.out_dir),
-                                  init_from=init_from))
+                                  init_from=init_from,
+                                  hellaswag_file=cfg.train.hellaswag_file and absolute(cfg.train.hellaswag_file)))
 
 
 def replace(cfg: Config, overrides: dict[str, Any], source: str = "overrides") -> Config:

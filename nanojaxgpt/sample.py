@@ -174,6 +174,7 @@ def generate(model: GPT, prompt: Sequence[int], *, max_new_tokens: int, num_samp
 class Loaded(NamedTuple):
     model: GPT
     tokenizer: Any  # .encode(str) -> list[int], .decode(list[int]) -> str
+    run_config: Any = None  # a run directory's resolved config.Config; None for GPT-2 weights
 
 
 def load_model(init_from: str, out_dir: str = "out") -> Loaded:
@@ -191,7 +192,8 @@ def load_model(init_from: str, out_dir: str = "out") -> Loaded:
     from nanojaxgpt import checkpoint, data  # a run directory written by train.py
 
     model = checkpoint.load_model(init_from)
-    return Loaded(model, data.tokenizer(checkpoint.read_config(init_from).data.data_dir))
+    run_config = checkpoint.read_config(init_from)
+    return Loaded(model, data.tokenizer(run_config.data.data_dir), run_config)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

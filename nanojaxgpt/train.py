@@ -19,7 +19,7 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding
 from jaxtyping import PyTree
 
-from nanojaxgpt import checkpoint, config, cpu, data, distributed, metrics, sharding, storage
+from nanojaxgpt import checkpoint, config, cpu, data, distributed, hellaswag, metrics, sharding, storage
 from nanojaxgpt import model as gpt
 from nanojaxgpt import program, runlock
 from nanojaxgpt.cli import hard_exit, run_command
@@ -138,6 +138,7 @@ def _run(cfg: config.Config, topo: distributed.Topology, mesh: Mesh, meta: data.
     prog = program.build(cfg, mesh)  # the same steps tools/aot_compile.py checks ahead of time
     run, batch_sh = prog.setup, prog.batch_sharding
     batch_shape, eval_shape = prog.batch.shape, prog.eval_batch.shape
+    hellaswag_scores = hellaswag.for_training(cfg, run.static, mesh, meta.tokenizer)  # {} when off
     # Both steps compile in the background while the state is created or restored.
     steps = compile_ahead(prog.steps, prog.abstract, None if t.eval_only else prog.batch,
                           prog.eval_batch)
@@ -170,7 +171,8 @@ def _run(cfg: config.Config, topo: distributed.Topology, mesh: Mesh, meta: data.
     def evaluate(step: int, model: PyTree) -> None:
         losses = {s: float(steps.evaluate(model, toks)) for s, toks in eval_sets.items()}
         log.info("step %d: train loss %.4f, val loss %.4f", step, losses["train"], losses["val"])
-        tb.scalars(step, {"val/loss": losses["val"], "eval/train_loss": losses["train"]})
+        tb.scalars(step, {"val/loss": losses["val"], "eval/train_loss": losses["train"],
+                          **hellaswag_scores(step, model)})
 
     if t.eval_only:  # nanoGPT's eval_only: evaluate the restored (or initial) model and stop
         evaluate(start, state["model"])
