@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -86,7 +86,7 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
-def mesh_spec(logical: P, shape: Sequence[int], mesh: Mesh, taken: Sequence[str] = ()) -> P:
+def mesh_spec(logical: P, shape: Sequence[int], mesh: Mesh, taken: Collection[str] = ()) -> P:
     """Logical names -> mesh axes for one array; each mesh axis is used at most once (and
     never one of `taken`)."""
     used: set[str] = set(taken)

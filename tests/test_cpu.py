@@ -1,4 +1,4 @@
-"""malloc.py: CPU train steps reuse freed host memory instead of faulting it in again."""
+"""cpu.py: CPU train steps reuse freed host memory instead of faulting it in again."""
 
 from __future__ import annotations
 
@@ -8,17 +8,17 @@ import sys
 
 import pytest
 
-from nanojaxgpt import malloc
+from nanojaxgpt import cpu
 from tests.train_runs import env_for
 
 # The CPU quick-start model and batch; 50 steps after 20 to warm up, in a fresh process (the
 # settings are process-wide). Prints the minor page faults per step.
 _STEPS = """
 import resource, numpy as np, jax
-from nanojaxgpt import config, malloc, sharding
+from nanojaxgpt import config, cpu, sharding
 from nanojaxgpt.state import setup
 from nanojaxgpt.step import jit_steps
-assert malloc.keep_freed_memory()
+assert cpu.keep_freed_memory()
 cfg = config.load(None, dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65,
                              batch_size=12, remat="dots", bias=False))
 mesh = sharding.make_mesh(cfg.mesh)
@@ -50,4 +50,4 @@ def test_cpu_train_steps_do_not_page_fault():
 
 def test_not_glibc_is_a_no_op(monkeypatch):
     monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))
-    assert malloc.keep_freed_memory() is False
+    assert cpu.keep_freed_memory() is False

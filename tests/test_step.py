@@ -58,9 +58,12 @@ def test_grouped_evaluation_equals_one_batch_at_a_time():
 
 
 def test_eval_group_bounds_tokens_per_pass():
-    assert step.eval_group(200, 12, 64) == 5  # 5 x 12 x 64 = 3,840 tokens <= 4,096
-    assert step.eval_group(200, 12, 1024) == 1  # GPT-2 sized batches: one at a time
-    assert step.eval_group(7, 1, 16) == 7
+    from nanojaxgpt import cpu
+
+    mesh = jax.make_mesh((1,), ("data",))
+    assert cpu.eval_group(mesh, 200, 12, 64) == 5  # 5 x 12 x 64 = 3,840 tokens <= 4,096
+    assert cpu.eval_group(mesh, 200, 12, 1024) == 1  # GPT-2 sized batches: one at a time
+    assert cpu.eval_group(mesh, 7, 1, 16) == 7
 
 
 def _mesh_steps(cfg):
@@ -110,7 +113,7 @@ def test_steps_compiled_ahead_equal_the_jitted_steps_on_a_mesh():
 
 
 def test_cpu_train_options_do_not_change_results():
-    # The train step compiles with CPU_TRAIN_OPTIONS on CPU; without them it must compute the same.
+    # The train step compiles with cpu.TRAIN_OPTIONS on CPU; without them it must compute the same.
     from nanojaxgpt import config
 
     cfg = config.load(None, {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16,
@@ -129,7 +132,7 @@ def test_cpu_train_options_do_not_change_results():
 
 
 def test_cpu_init_options_give_bitwise_the_same_state():
-    # TrainSetup.init compiles with CPU_INIT_OPTIONS (a faster compile) on CPU: same bits as -O3.
+    # TrainSetup.init compiles with cpu.INIT_OPTIONS (a faster compile) on CPU: same bits as -O3.
     from nanojaxgpt import config, state
 
     cfg = config.load(None, {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16,
@@ -142,7 +145,6 @@ def test_cpu_init_options_give_bitwise_the_same_state():
         return step.init_state(eqx.filter(model, eqx.is_array), run.tx, cfg.train.seed)
 
     default = jax.jit(fresh, out_shardings=run.shardings)()
-    assert state.CPU_INIT_OPTIONS  # the option is in use here
     for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(default), strict=True):
         np.testing.assert_array_equal(a, b)
         assert a.sharding == b.sharding
