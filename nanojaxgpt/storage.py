@@ -81,6 +81,16 @@ def read_text(path: str) -> str:
         raise FileNotFoundError(f"{path} does not exist") from None
 
 
+def write_text(path: str, text: str) -> None:
+    """Write a small file (its parent directory created when local)."""
+    if not is_gcs(path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text)
+        return
+    gpath, bucket = _bucket(path)
+    bucket.blob(gpath.name).upload_from_string(text)
+
+
 def file_sizes(directory: str) -> dict[str, int]:
     """{file name: size in bytes} for the files directly in `directory` ({} when it is absent)."""
     if not is_gcs(directory):

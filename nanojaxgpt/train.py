@@ -19,7 +19,7 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding
 from jaxtyping import PyTree
 
-from nanojaxgpt import checkpoint, config, cpu, data, distributed, hellaswag, metrics, sharding, storage
+from nanojaxgpt import checkpoint, completion, config, cpu, data, distributed, hellaswag, metrics, sharding, storage
 from nanojaxgpt import model as gpt
 from nanojaxgpt import program, runlock
 from nanojaxgpt.cli import hard_exit, run_command
@@ -91,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     exit_during_startup()
     path = argv[0] if argv and not argv[0].startswith("--") else None
     cfg = config.load(path, argv[1:] if path else argv)
+    if not cfg.train.eval_only and completion.is_complete(cfg.train.out_dir, cfg.train.max_iters):
+        # Every host reads the same marker, so all of them stop here, before joining the others.
+        print(f"{cfg.train.out_dir} is complete (step {completion.done_step(cfg.train.out_dir)} "
+              f">= max_iters {cfg.train.max_iters}); nothing to do", file=sys.stderr)
+        return 0
 
     topo = distributed.initialize(cfg.distributed)
     exit_during_startup()  # jax.distributed installs its own SIGTERM handler
@@ -198,6 +203,7 @@ def _run(cfg: config.Config, topo: distributed.Topology, mesh: Mesh, meta: data.
                         enabled=t.profile_all_hosts or topo.process_index == 0)
     preemption = Preemption()  # from here on a stop signal saves the step every host agrees on
     logged = None  # (step, metrics) of a log step, read once the next step is queued behind it
+    finished = False  # the loop reached max_iters (not stopped by a signal)
     try:
         for step in range(start, t.max_iters):
             if step % t.eval_interval == 0:
@@ -229,6 +235,7 @@ def _run(cfg: config.Config, topo: distributed.Topology, mesh: Mesh, meta: data.
         else:
             if t.max_iters % t.eval_interval == 0:
                 evaluate(t.max_iters, state["model"])
+            finished = True
     except Diverged:
         tb.close()  # the points up to the divergence stay in TensorBoard
         ckpt.close()
@@ -240,6 +247,9 @@ def _run(cfg: config.Config, topo: distributed.Topology, mesh: Mesh, meta: data.
     ckpt.wait()
     ckpt.close()
     tb.close()
+    if finished and topo.process_index == 0:  # after the final checkpoint is committed
+        completion.mark(t.out_dir, t.max_iters)
+        log.info("run complete: wrote %s", completion.path(t.out_dir))
     return 0
 
 
