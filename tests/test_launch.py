@@ -1,0 +1,123 @@
+"""launch/supervise.py against a fake gcloud that plays a slice's life; the launch scripts' syntax."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--poll=0", "--backoff=0.01", "--max-backoff=0.02", "--create-timeout=30"]
+TRAIN = ["configs/gpt2_124m.toml", "--data_dir=gs://b/owt", "--out_dir=gs://b/runs/x",
+         "--learning_rate=3e-4"]
+
+
+def supervise(tmp_path: Path, scenario: dict, *flags: str, train=TRAIN) -> tuple[int, str, list]:
+    """Run the launcher with the fake gcloud first on PATH: (exit status, log, gcloud calls)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    fake = bin_dir / "gcloud"
+    shutil.copy(REPO / "tests" / "fake_gcloud.py", fake)
+    fake.chmod(0o755)
+    (tmp_path / "scenario.json").write_text(json.dumps(scenario))
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_GCLOUD_DIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "supervise.py"), *flags, *FAST,
+                           "--", *train], env=env, capture_output=True, text=True, timeout=120)
+    calls_file = tmp_path / "calls.jsonl"
+    calls = [json.loads(l) for l in calls_file.read_text().splitlines()] if calls_file.exists() else []
+    return proc.returncode, proc.stderr, calls
+
+
+def starts(calls: list) -> list[str]:
+    return [c[c.index("--command") + 1] for c in calls if "--command" in c and "setsid" in c[-1]]
+
+
+def verbs(calls: list, verb: str) -> list:
+    return [c for c in calls if c[:1] == ["compute"] and len(c) > 3 and c[3] == verb]
+
+
+def test_spot_slice_preempted_twice_and_deleted_once_comes_back_until_done(tmp_path):
+    runs = [{"after": 2, "then": "preempt"}, {"after": 1, "then": "delete"},
+            {"after": 3, "then": "preempt"}, {"after": 2, "then": "done"}]
+    code, log, calls = supervise(tmp_path, {"boot": 2, "runs": runs},
+                                 "--name=gpt2", "--zone=us-central2-b", "--accelerator=v4-32", "--spot")
+    assert code == 0, log
+    creates = verbs(calls, "create")
+    assert len(creates) == 4  # the first slice and one after each loss
+    assert all(c[:4] == ["compute", "tpus", "tpu-vm", "create"] and "--spot" in c for c in creates)
+    assert len(verbs(calls, "delete")) == 2  # the preempted ones; the deleted one is gone already
+    commands = starts(calls)
+    assert len(commands) == 4 and len(set(commands)) == 1  # the same command every time
+    assert "python -m nanojaxgpt.train configs/gpt2_124m.toml --data_dir=gs://b/owt " \
+           "--out_dir=gs://b/runs/x --learning_rate=3e-4;" in commands[0]
+    assert len([c for c in calls if c[3:4] == ["scp"]]) == 4  # set up on every new slice
+    lines = log.strip().splitlines()
+    assert all(l[:4].isdigit() and l[19] == "Z" for l in lines)  # every line has a UTC timestamp
+    assert "slice gpt2 is PREEMPTED" in log and "slice gpt2 is NOT_FOUND" in log
+    assert lines[-1].endswith("stopped after 3 restarts: gs://b/runs/x/DONE exists: the run is complete")
+
+
+def test_training_that_keeps_failing_gives_up_after_the_retry_limit(tmp_path):
+    runs = [{"after": 1, "then": "exit 1"}] * 10
+    code, log, calls = supervise(tmp_path, {"runs": runs}, "--name=gpt2", "--zone=z",
+                                 "--max-retries=2")
+    assert code == 1, log
+    assert len(starts(calls)) == 3  # the first try and two retries
+    assert len(verbs(calls, "create")) == 1  # a healthy slice is reused, only training restarts
+    assert "training exited 1 without marking gs://b/runs/x complete" in log
+    assert log.strip().splitlines()[-1].split(" ", 1)[1].startswith("stopped after 2 restarts: gave up after 3 failures")
+
+
+def test_queued_best_effort_two_slices(tmp_path):
+    runs = [{"after": 1, "then": "preempt"}, {"after": 1, "then": "done"}]
+    code, log, calls = supervise(tmp_path, {"runs": runs}, "--name=big", "--zone=z",
+                                 "--accelerator=v5litepod-16", "--best-effort", "--num-slices=2")
+    assert code == 0, log
+    creates = verbs(calls, "create")
+    assert len(creates) == 2
+    assert all(c[:3] == ["compute", "tpus", "queued-resources"] and "--best-effort" in c
+               and c[c.index("--node-count") + 1] == "2" for c in creates)
+    assert "slice big is SUSPENDED" in log
+    nodes = {c[4] for c in calls if c[3:4] == ["ssh"] and "setsid" in c[-1]}
+    assert nodes == {"big-0", "big-1"}  # the command runs on every worker of both slices
+    assert all("--mesh.slices=2" in c for c in starts(calls))
+
+
+def test_a_complete_run_creates_nothing(tmp_path):
+    (tmp_path / "state.json").write_text(json.dumps({"exists": False, "state": "", "creating": 0,
+                                                     "run": -1, "polls": 0, "rc": None, "done": True}))
+    code, log, calls = supervise(tmp_path, {"runs": []}, "--name=gpt2", "--zone=z")
+    assert code == 0, log
+    assert not verbs(calls, "create") and "the run is complete" in log
+
+
+def test_local_out_dir_completion(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "DONE").write_text('{"step": 1}\n')
+    code, log, calls = supervise(tmp_path, {"runs": []}, "--name=gpt2", "--zone=z",
+                                 train=["c.toml", f"--out_dir={out}"])
+    assert code == 0 and not calls, log
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--zone=z", "--", "c.toml", "--out_dir=gs://b/r"], "--name"),
+    (["--name=n", "--zone=z", "--", "c.toml"], "needs --out_dir"),
+    (["--name=n", "--zone=z"], "give the training command"),
+    (["--name=n", "--zone=z", "--spot", "--best-effort", "--", "c.toml", "--out_dir=o"], "not allowed"),
+    (["--name=n", "--zone=z", "--num-slices=0", "--", "c.toml", "--out_dir=o"], "at least 1"),
+])
+def test_bad_arguments_are_one_line_errors(args, message):
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "supervise.py"), *args],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("script", ["tpu_vm.sh", "gpu_node.sh", "slurm_gpu.sbatch"])
+def test_scripts_parse(script):
+    subprocess.run(["bash", "-n", str(REPO / "launch" / script)], check=True)
