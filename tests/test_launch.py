@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -121,3 +123,73 @@ def test_bad_arguments_are_one_line_errors(args, message):
 @pytest.mark.parametrize("script", ["tpu_vm.sh", "gpu_node.sh", "slurm_gpu.sbatch"])
 def test_scripts_parse(script):
     subprocess.run(["bash", "-n", str(REPO / "launch" / script)], check=True)
+
+
+SRUN = """#!/usr/bin/env bash
+# fake srun: one task per node of a 2-node job, SLURM_PROCID each; SIGTERM goes on to the tasks.
+echo "srun $*" >> "$CALLS"
+while [[ $1 == --* ]]; do shift; done
+pids=()
+for i in 0 1; do SLURM_PROCID=$i "$@" & pids+=($!); done
+trap 'kill -TERM "${pids[@]}"' TERM
+rc=0
+for p in "${pids[@]}"; do while kill -0 $p 2>/dev/null; do wait $p; r=$?; done; wait $p; r=$?; [ $r -ne 0 ] && rc=$r; done
+exit $rc
+"""
+SCONTROL = """#!/usr/bin/env bash
+echo "scontrol $*" >> "$CALLS"
+[ "$1 $2" = "show hostnames" ] && printf 'gpu-a\\ngpu-b\\n'
+exit 0
+"""
+PYTHON = """#!/usr/bin/env bash
+# fake python: records how it was started, then behaves as $FAKE_TRAIN says.
+echo "python $JAX_COORDINATOR_ADDRESS $JAX_NUM_PROCESSES $JAX_PROCESS_ID $*" >> "$CALLS"
+case $FAKE_TRAIN in
+  fail) [ "$JAX_PROCESS_ID" = 1 ] && exit 1; exit 0 ;;
+  wait) trap 'exit 0' TERM; touch "$CALLS.started.$JAX_PROCESS_ID"; sleep 30 & wait ;;
+esac
+exit 0
+"""
+
+
+def sbatch(tmp_path: Path, train: str, restarts: int = 0, signal_after_start: bool = False):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("srun", SRUN), ("scontrol", SCONTROL), ("fakepython", PYTHON)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    calls = tmp_path / "calls"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls),
+           "FAKE_TRAIN": train, "PYTHON": "fakepython", "SLURM_JOB_ID": "4242",
+           "SLURM_JOB_NODELIST": "gpu-[a-b]", "SLURM_JOB_NUM_NODES": "2",
+           "SLURM_RESTART_COUNT": str(restarts), "MAX_RESTARTS": "3"}
+    proc = subprocess.Popen(["bash", str(REPO / "launch" / "slurm_gpu.sbatch"), "configs/gpt2_124m.toml",
+                             "--out_dir=gs://b/r x"], env=env, stdout=subprocess.PIPE, text=True)
+    if signal_after_start:
+        deadline = time.time() + 20
+        while not all(Path(f"{calls}.started.{i}").exists() for i in (0, 1)):
+            assert time.time() < deadline
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    return proc.returncode, out, calls.read_text().splitlines()
+
+
+def test_sbatch_runs_one_task_per_node_and_ends_when_training_finishes(tmp_path):
+    code, out, calls = sbatch(tmp_path, "ok")
+    assert code == 0, out
+    started = sorted(c for c in calls if c.startswith("python"))
+    assert started == ["python gpu-a:24242 2 0 -m nanojaxgpt.train configs/gpt2_124m.toml --out_dir=gs://b/r x",
+                       "python gpu-a:24242 2 1 -m nanojaxgpt.train configs/gpt2_124m.toml --out_dir=gs://b/r x"]
+    assert not any("requeue" in c for c in calls) and "done" in out
+
+
+def test_sbatch_requeues_after_a_failure_and_after_sigterm_but_not_past_the_limit(tmp_path):
+    for d in "abc":
+        (tmp_path / d).mkdir()
+    code, out, calls = sbatch(tmp_path / "a", "fail")
+    assert code == 0 and "scontrol requeue 4242" in calls, out
+    code, out, calls = sbatch(tmp_path / "b", "wait", signal_after_start=True)
+    assert code == 0 and "scontrol requeue 4242" in calls and "SIGTERM" in out, out
+    code, out, calls = sbatch(tmp_path / "c", "fail", restarts=3)
+    assert code == 1 and not any("requeue" in c for c in calls) and "giving up" in out, out
