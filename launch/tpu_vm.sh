@@ -9,6 +9,9 @@
 #   launch/tpu_vm.sh logs            # follow worker 0's log
 #   launch/tpu_vm.sh stop            # SIGTERM: every host saves a checkpoint and exits 0
 #   launch/tpu_vm.sh delete
+#   # or all of it, unattended, until the run writes out_dir/DONE (re-creating a preempted slice):
+#   SPOT=1 launch/tpu_vm.sh run configs/gpt2_124m.toml --data_dir=$BUCKET/openwebtext --out_dir=$BUCKET/runs/gpt2
+#   (QUEUED=1, BEST_EFFORT=1, NUM_SLICES=2 and SUPERVISE_ARGS="--max-retries=50" go to launch/supervise.py)
 #
 # Running `train` again with the same --out_dir resumes from the latest complete checkpoint,
 # also on a slice of another size. Credentials: the TPU VM's service account (ADC); it needs
@@ -24,7 +27,7 @@ on_all() {
   gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command "$1"
 }
 
-cmd=${1:?usage: launch/tpu_vm.sh create|setup|train CONFIG [--key=value ...]|logs|stop|delete}
+cmd=${1:?usage: launch/tpu_vm.sh create|setup|train CONFIG [--key=value ...]|run CONFIG [--key=value ...]|logs|stop|delete}
 shift
 case "$cmd" in
   create)
@@ -45,6 +48,12 @@ case "$cmd" in
     # nohup + setsid: training outlives the ssh session; the log stays on every host.
     on_all "cd nanojaxgpt && setsid nohup python -m nanojaxgpt.train $args > $LOG 2>&1 < /dev/null &"
     echo "started on all workers; follow with: launch/tpu_vm.sh logs"
+    ;;
+  run)
+    flags=(--name "$TPU_NAME" --zone "$ZONE" --accelerator "$ACCELERATOR" --version "$RUNTIME"
+           --num-slices "${NUM_SLICES:-1}" ${SPOT:+--spot} ${BEST_EFFORT:+--best-effort} ${QUEUED:+--queued})
+    # shellcheck disable=SC2086  # SUPERVISE_ARGS is a list of flags
+    exec python3 "$(dirname "$0")/supervise.py" "${flags[@]}" ${SUPERVISE_ARGS:-} -- "$@"
     ;;
   logs)
     gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=0 --command "tail -f $LOG"

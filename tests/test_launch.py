@@ -129,11 +129,15 @@ SRUN = """#!/usr/bin/env bash
 # fake srun: one task per node of a 2-node job, SLURM_PROCID each; SIGTERM goes on to the tasks.
 echo "srun $*" >> "$CALLS"
 while [[ $1 == --* ]]; do shift; done
-pids=()
+pids=() got=0
+trap 'got=1; kill -TERM "${pids[@]}"' TERM
 for i in 0 1; do SLURM_PROCID=$i "$@" & pids+=($!); done
-trap 'kill -TERM "${pids[@]}"' TERM
 rc=0
-for p in "${pids[@]}"; do while kill -0 $p 2>/dev/null; do wait $p; r=$?; done; wait $p; r=$?; [ $r -ne 0 ] && rc=$r; done
+for p in "${pids[@]}"; do
+  wait $p; r=$?
+  while [ $got -eq 1 ] && [ $r -gt 128 ]; do wait $p; r=$?; [ $r -eq 127 ] && r=0 && break; done
+  [ $r -ne 0 ] && rc=$r
+done
 exit $rc
 """
 SCONTROL = """#!/usr/bin/env bash
@@ -146,7 +150,8 @@ PYTHON = """#!/usr/bin/env bash
 echo "python $JAX_COORDINATOR_ADDRESS $JAX_NUM_PROCESSES $JAX_PROCESS_ID $*" >> "$CALLS"
 case $FAKE_TRAIN in
   fail) [ "$JAX_PROCESS_ID" = 1 ] && exit 1; exit 0 ;;
-  wait) trap 'exit 0' TERM; touch "$CALLS.started.$JAX_PROCESS_ID"; sleep 30 & wait ;;
+  wait) sleep 30 > /dev/null & s=$!; trap 'kill $s; exit 0' TERM
+        touch "$CALLS.started.$JAX_PROCESS_ID"; wait ;;
 esac
 exit 0
 """
@@ -191,5 +196,65 @@ def test_sbatch_requeues_after_a_failure_and_after_sigterm_but_not_past_the_limi
     assert code == 0 and "scontrol requeue 4242" in calls, out
     code, out, calls = sbatch(tmp_path / "b", "wait", signal_after_start=True)
     assert code == 0 and "scontrol requeue 4242" in calls and "SIGTERM" in out, out
+    assert "step ended with 0 (signaled=1)" in out  # the tasks saved and exited 0
     code, out, calls = sbatch(tmp_path / "c", "fail", restarts=3)
     assert code == 1 and not any("requeue" in c for c in calls) and "giving up" in out, out
+
+
+DOCKER = """#!/usr/bin/env bash
+echo "docker $*" >> "$CALLS"
+[ "$1" = ps ] && [ -n "${RUNNING:-}" ] && echo abc123
+exit 0
+"""
+
+
+def docker(tmp_path: Path, running: bool = False, **env_vars: str):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "docker").write_text(DOCKER)
+    (bin_dir / "docker").chmod(0o755)
+    calls = tmp_path / "calls"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls),
+           "HOME": str(tmp_path), **({"RUNNING": "1"} if running else {}), **env_vars}
+    env.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
+    proc = subprocess.run(["bash", str(REPO / "launch" / "gpu_node.sh"), "configs/gpt2_124m.toml",
+                           "--out_dir=runs/a"], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=30)
+    return proc, calls.read_text().splitlines()
+
+
+def test_gpu_node_restarts_on_failure_only_and_follows_the_log(tmp_path):
+    proc, calls = docker(tmp_path, NUM_NODES="2", NODE_RANK="1", COORDINATOR="10.0.0.2:1234")
+    assert proc.returncode == 0, proc.stderr
+    run = next(c for c in calls if c.startswith("docker run"))
+    assert "-d --name nanojaxgpt-1 --restart on-failure:10 " in run and "--rm" not in run
+    assert "-e JAX_COORDINATOR_ADDRESS=10.0.0.2:1234 -e JAX_NUM_PROCESSES=2 -e JAX_PROCESS_ID=1" in run
+    assert run.endswith("nanojaxgpt configs/gpt2_124m.toml --out_dir=runs/a")
+    assert calls[-1] == "docker logs -f nanojaxgpt-1"
+
+
+def test_gpu_node_refuses_to_start_a_second_container_of_a_running_run(tmp_path):
+    proc, calls = docker(tmp_path, running=True)
+    assert proc.returncode == 2 and "already running" in proc.stderr
+    assert not any(c.startswith(("docker run", "docker rm")) for c in calls)
+
+
+def test_tpu_vm_sh_run_hands_over_to_the_supervisor(tmp_path):
+    (tmp_path / "state.json").write_text(json.dumps({"exists": False, "state": "", "creating": 0,
+                                                     "run": -1, "polls": 0, "rc": None, "done": False}))
+    runs = [{"after": 1, "then": "done"}]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    shutil.copy(REPO / "tests" / "fake_gcloud.py", bin_dir / "gcloud")
+    (bin_dir / "gcloud").chmod(0o755)
+    (tmp_path / "scenario.json").write_text(json.dumps({"runs": runs}))
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_GCLOUD_DIR": str(tmp_path),
+           "TPU_NAME": "t", "ZONE": "z", "ACCELERATOR": "v5litepod-16", "QUEUED": "1", "SPOT": "1",
+           "SUPERVISE_ARGS": " ".join(FAST)}
+    proc = subprocess.run(["bash", str(REPO / "launch" / "tpu_vm.sh"), "run", *TRAIN], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    calls = [json.loads(l) for l in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    create = verbs(calls, "create")[0]
+    assert create[:3] == ["compute", "tpus", "queued-resources"] and "--spot" in create
+    assert create[create.index("--accelerator-type") + 1] == "v5litepod-16"
