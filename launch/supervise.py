@@ -41,8 +41,13 @@ class Stop(Exception):
         self.code = code
 
 
+LOG_TO: list = []  # open files that also get every log line (--log-file)
+
+
 def log(msg: str) -> None:
-    print(f"{datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ} {msg}", file=sys.stderr, flush=True)
+    line = f"{datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ} {msg}"
+    for f in [sys.stderr, *LOG_TO]:
+        print(line, file=f, flush=True)
 
 
 def gcloud(*args: str, check: bool = False) -> subprocess.CompletedProcess:
@@ -250,6 +255,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--poll", type=float, default=60, help="seconds between state checks")
     p.add_argument("--create-timeout", type=float, default=6 * 3600,
                    help="seconds to wait for a slice (queued resources can wait long)")
+    p.add_argument("--log-file", help="append the log to this file too")
     p.add_argument("--delete-when-done", action="store_true", help="delete the slice at the end")
     p.add_argument("train_args", nargs=argparse.REMAINDER,
                    help="-- CONFIG [--key=value ...]: the training command's arguments")
@@ -269,6 +275,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse(sys.argv[1:] if argv is None else argv)
+    if a.log_file:
+        LOG_TO.append(open(a.log_file, "a"))
     log(f"supervising {a.name} in {a.zone}: {a.num_slices} x {a.accelerator}"
         f"{' spot' if a.spot else ' best-effort' if a.best_effort else ''}"
         f"{' queued' if a.queued or a.num_slices > 1 else ''}; out_dir {out_dir_of(a.train_args)}")

@@ -46,9 +46,11 @@ def verbs(calls: list, verb: str) -> list:
 def test_spot_slice_preempted_twice_and_deleted_once_comes_back_until_done(tmp_path):
     runs = [{"after": 2, "then": "preempt"}, {"after": 1, "then": "delete"},
             {"after": 3, "then": "preempt"}, {"after": 2, "then": "done"}]
-    code, log, calls = supervise(tmp_path, {"boot": 2, "runs": runs},
-                                 "--name=gpt2", "--zone=us-central2-b", "--accelerator=v4-32", "--spot")
+    code, log, calls = supervise(tmp_path, {"boot": 2, "runs": runs}, "--name=gpt2",
+                                 "--zone=us-central2-b", "--accelerator=v4-32", "--spot",
+                                 f"--log-file={tmp_path / 'supervise.log'}")
     assert code == 0, log
+    assert (tmp_path / "supervise.log").read_text() == log
     creates = verbs(calls, "create")
     assert len(creates) == 4  # the first slice and one after each loss
     assert all(c[:4] == ["compute", "tpus", "tpu-vm", "create"] and "--spot" in c for c in creates)
