@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 RC_FILE = "nanojaxgpt-train.rc"  # on each worker: the training command's exit status once it ends
 LOG_FILE = "nanojaxgpt-train.log"
 SLICES_KEY = "mesh.slices"  # the config key that --num-slices sets on the training command
+UNREACHABLE_POLLS = 10  # a slice whose workers do not answer this often in a row is recreated
 UP = {"READY", "ACTIVE"}  # a node that is READY, a queued resource that is ACTIVE
 LOST = {"PREEMPTED", "TERMINATED", "FAILED", "SUSPENDED", "SUSPENDING", "DELETING", "STOPPED",
         "STOPPING", "NOT_FOUND"}
@@ -192,6 +193,7 @@ def attempt(s: Slice, a: argparse.Namespace, out_dir: str) -> str:
     for p in s.on_all(train_command(a.train_args, a.num_slices)):
         if p.returncode:
             return f"could not start training ({p.returncode}): {p.stderr.strip()[-300:]}"
+    unreachable = 0  # polls in a row on which some worker did not answer
     while True:
         time.sleep(a.poll)
         if is_complete(out_dir):
@@ -200,7 +202,10 @@ def attempt(s: Slice, a: argparse.Namespace, out_dir: str) -> str:
         if state not in UP:
             return f"slice {a.name} is {state}"
         status = training_status(s)
-        if status == "running" or status == "unreachable":
+        unreachable = unreachable + 1 if status == "unreachable" else 0
+        if unreachable >= UNREACHABLE_POLLS:
+            return f"workers of {a.name} unreachable on {unreachable} polls in a row"
+        if status in ("running", "unreachable"):
             continue
         if is_complete(out_dir):
             return "complete"

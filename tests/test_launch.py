@@ -31,7 +31,7 @@ def supervise(tmp_path: Path, scenario: dict, *flags: str, train=TRAIN) -> tuple
     proc = subprocess.run([sys.executable, str(REPO / "launch" / "supervise.py"), *flags, *FAST,
                            "--", *train], env=env, capture_output=True, text=True, timeout=120)
     calls_file = tmp_path / "calls.jsonl"
-    calls = [json.loads(l) for l in calls_file.read_text().splitlines()] if calls_file.exists() else []
+    calls = [json.loads(line) for line in calls_file.read_text().splitlines()] if calls_file.exists() else []
     return proc.returncode, proc.stderr, calls
 
 
@@ -61,9 +61,10 @@ def test_spot_slice_preempted_twice_and_deleted_once_comes_back_until_done(tmp_p
            "--out_dir=gs://b/runs/x --learning_rate=3e-4;" in commands[0]
     assert len([c for c in calls if c[3:4] == ["scp"]]) == 4  # set up on every new slice
     lines = log.strip().splitlines()
-    assert all(l[:4].isdigit() and l[19] == "Z" for l in lines)  # every line has a UTC timestamp
+    assert all(line[:4].isdigit() and line[19] == "Z" for line in lines)  # every line has a UTC timestamp
     assert "slice gpt2 is PREEMPTED" in log and "slice gpt2 is NOT_FOUND" in log
-    assert lines[-1].endswith("stopped after 3 restarts: gs://b/runs/x/DONE exists: the run is complete")
+    assert lines[-1].endswith(
+        "stopped after 3 restarts: gs://b/runs/x/DONE exists: the run is complete")
 
 
 def test_training_that_keeps_failing_gives_up_after_the_retry_limit(tmp_path):
@@ -186,8 +187,8 @@ def test_sbatch_runs_one_task_per_node_and_ends_when_training_finishes(tmp_path)
     code, out, calls = sbatch(tmp_path, "ok")
     assert code == 0, out
     started = sorted(c for c in calls if c.startswith("python"))
-    assert started == ["python gpu-a:24242 2 0 -m nanojaxgpt.train configs/gpt2_124m.toml --out_dir=gs://b/r x",
-                       "python gpu-a:24242 2 1 -m nanojaxgpt.train configs/gpt2_124m.toml --out_dir=gs://b/r x"]
+    train = "-m nanojaxgpt.train configs/gpt2_124m.toml --out_dir=gs://b/r x"
+    assert started == [f"python gpu-a:24242 2 {rank} {train}" for rank in (0, 1)]
     assert not any("requeue" in c for c in calls) and "done" in out
 
 
@@ -256,7 +257,7 @@ def test_tpu_vm_sh_run_hands_over_to_the_supervisor(tmp_path):
     proc = subprocess.run(["bash", str(REPO / "launch" / "tpu_vm.sh"), "run", *TRAIN], env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    calls = [json.loads(l) for l in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
     create = verbs(calls, "create")[0]
     assert create[:3] == ["compute", "tpus", "queued-resources"] and "--spot" in create
     assert create[create.index("--accelerator-type") + 1] == "v5litepod-16"
