@@ -7,6 +7,7 @@ checkpoint). Every host runs this same program; process 0 alone writes logs.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import sys
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from jaxtyping import PyTree
 
 from nanojaxgpt import checkpoint, completion, config, cpu, data, distributed, hellaswag, metrics, sharding, storage
 from nanojaxgpt import model as gpt
-from nanojaxgpt import program, runlock
+from nanojaxgpt import program, resume, runlock
 from nanojaxgpt.cli import hard_exit, run_command
 from nanojaxgpt.feed import Feed
 from nanojaxgpt.preemption import Preemption, exit_during_startup
@@ -149,9 +150,11 @@ def _run(cfg: config.Config, topo: distributed.Topology, mesh: Mesh, meta: data.
                           prog.eval_batch)
     start = 0
     if resuming:
-        restored = ckpt.restore(run.abstract)
+        restored = ckpt.restore(run.abstract, expect=cfg)  # another architecture: one-line error
         state, start = restored.state, int(restored.meta["data_step"])
         log.info("resumed from step %d (%s)", start, t.out_dir)
+        for change in resume.changes(json.loads(restored.config_json), cfg):
+            log.info("changed since the checkpoint: %s", change)
     elif pretrained is not None:
         state = run.from_params(eqx.filter(pretrained, eqx.is_array), cfg)
         log.info("initialised from %s", t.init_from)

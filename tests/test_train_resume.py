@@ -1,0 +1,106 @@
+"""Resuming through the training command as a user runs it: a checkpoint with changed bytes is
+named and skipped for the one before, a changed architecture is one line with exit code 2, and a
+changed setting is applied and logged once. One trained run directory, copied for each case."""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from nanojaxgpt import config, optim, prepare
+from tests import train_runs
+from tests.test_checkpoint_integrity import flip_largest_local
+from tests.test_train_errors import _one_error_line, _steps
+
+MAX = "--max_iters=10"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from tests.conftest import shakespeare
+
+    out = tmp_path_factory.mktemp("data") / "shakespeare_char"
+    prepare.prepare_char(shakespeare(), str(out))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """One device, and one compilation cache for the runs below: a rerun does not compile again."""
+    return train_runs.env_for(1, {
+        "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax-cache")),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
+
+
+def _run(data_dir, env, out, *overrides) -> subprocess.CompletedProcess:
+    return subprocess.run(train_runs.command(data_dir, str(out), *overrides), env=env,
+                          cwd=train_runs.REPO, capture_output=True, text=True, timeout=240)
+
+
+@pytest.fixture
+def train(data_dir, env):
+    return lambda out, *overrides: _run(data_dir, env, out, *overrides)
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, env, tmp_path_factory):
+    """A finished 10-step run with checkpoints of steps 5 and 10."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    proc = _run(data_dir, env, out, MAX)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _steps(out) == [5, 10]
+    return out
+
+
+def copy_of(trained, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    return out
+
+
+def test_changed_bytes_in_the_newest_checkpoint_resume_from_the_one_before(train, trained,
+                                                                            tmp_path):
+    out = copy_of(trained, tmp_path)
+    changed = flip_largest_local(out / "checkpoints" / "10")
+    assert "/state/" in str(changed)
+    proc = train(out, MAX)  # the same command again
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    damaged = [line for line in proc.stderr.splitlines() if "damaged" in line]
+    assert len(damaged) == 1, proc.stderr[-3000:]
+    assert f"checkpoint {out / 'checkpoints' / '10'} is damaged" in damaged[0]
+    assert "failed its integrity check" in damaged[0]
+    assert "resumed from step 5" in proc.stderr
+    assert _steps(out) == [5, 10]  # step 10 trained again and written over the damaged one
+    assert "replacing the unusable checkpoint" in proc.stderr
+
+
+def test_a_changed_architecture_is_one_line_exit_2(train, trained, tmp_path):
+    out = copy_of(trained, tmp_path)
+    proc = train(out, MAX, "--n_layer=3")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = _one_error_line(proc)  # also: no traceback
+    assert "n_layer=2" in line and "n_layer=3" in line and "--n_layer=2" in line, line
+    assert [ln for ln in proc.stderr.splitlines() if "n_layer=" in ln] == [line]
+    assert "strict" not in proc.stderr and "resumed from" not in proc.stderr
+    assert _steps(out) == [5, 10]
+
+
+def test_a_changed_setting_resumes_and_is_logged_once(train, trained, tmp_path):
+    out = copy_of(trained, tmp_path)
+    proc = train(out, "--max_iters=12", "--learning_rate=5e-4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "resumed from step 10" in proc.stderr
+    changes = re.findall(r"changed since the checkpoint: (.*)", proc.stderr)
+    assert sorted(changes) == ["optim.learning_rate 0.001 -> 0.0005", "train.max_iters 10 -> 12",
+                               f"train.out_dir {trained} -> {out}"]  # a copied run says so
+    # The new rate is the one trained with: TensorBoard's train/lr at step 11 follows it.
+    cfg = config.load(str(train_runs.REPO / "configs/shakespeare_char.toml"),
+                      [*train_runs.TINY, "--max_iters=12", "--learning_rate=5e-4"])
+    assert math.isclose(train_runs.curve(out, "train/lr")[11],
+                        float(optim.learning_rate(cfg.optim, 11)), rel_tol=1e-5)
