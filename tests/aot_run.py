@@ -29,6 +29,7 @@ def aot_env() -> dict:
 
 def aot(config: str, topology: str, *flags: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, dict]:
     """Run the tool; it takes /tmp/libtpu.lock itself, so runs queue."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     out = tmp_path / f"{topology}.json"
     proc = subprocess.run([sys.executable, str(TOOL), str(REPO / "configs" / config),
                            f"--topology={topology}", f"--json={out}", *flags],
@@ -36,21 +37,24 @@ def aot(config: str, topology: str, *flags: str, tmp_path: Path) -> tuple[subpro
     return proc, json.loads(out.read_text()) if out.is_file() else {}
 
 
-def check_fits(proc: subprocess.CompletedProcess, r: dict, headroom: float = 0.10) -> None:
-    """Compiled, fits with `headroom` of HBM to spare, and executes the model's FLOPs."""
+def check_fits(proc: subprocess.CompletedProcess, r: dict, headroom: float = 0.10,
+               max_flops: float = 1.6) -> None:
+    """Compiled, fits with `headroom` of HBM to spare, and executes at least the model's FLOPs
+    (6N + 12LET), at most `max_flops` times them (a recompute more)."""
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert r["fits"] and r["per_chip_gib"] <= (1 - headroom) * r["hbm_gib"], proc.stdout
-    # The executed matmul FLOPs: at least the model's 6N + 12LET, at most a recompute more.
-    assert r["model_flops_per_chip"] <= r["flops_per_chip"] <= 1.6 * r["model_flops_per_chip"], proc.stdout
+    assert r["model_flops_per_chip"] <= r["flops_per_chip"] <= max_flops * r["model_flops_per_chip"], proc.stdout
 
 
-def check_gpt2_124m(proc: subprocess.CompletedProcess, r: dict) -> None:
+def check_gpt2_124m(proc: subprocess.CompletedProcess, r: dict, max_flops: float = 1.6,
+                    max_collective_gib: float = 8) -> None:
     """configs/gpt2_124m.toml as shipped: fits, 491,520 tokens per step, state and traffic sharded."""
-    check_fits(proc, r)
+    check_fits(proc, r, max_flops=max_flops)
     assert r["tokens_per_step"] == 491_520, proc.stdout
     chips = r["chips"]
     assert r["seq_per_chip"] == 96 / chips, proc.stdout
-    # FSDP: the parameters and both Adam moments (12 bytes a parameter) sharded over the chips
-    assert r["argument_gib"] < 124.5e6 * 12 / chips / 2**30 * 1.1 + 0.01, proc.stdout
+    # FSDP: the parameters and both Adam moments (12 bytes a parameter) sharded over the chips,
+    # plus what stays whole on every chip (the batch, small vectors): ~25 MiB measured
+    assert r["argument_gib"] < 124.5e6 * 12 / chips / 2**30 * 1.05 + 1 / 32, proc.stdout
     # Data moves per chip per step: the weights gathered, the gradients reduced, not activations
-    assert sum(r["collective_gib"].values()) < 8, proc.stdout
+    assert sum(r["collective_gib"].values()) < max_collective_gib, proc.stdout

@@ -69,3 +69,27 @@ def test_shipped_config_fits(config, topology, tmp_path):
         needs_libtpu()
     proc, r = aot(config, topology, tmp_path=tmp_path)
     (check_gpt2_124m if config == "gpt2_124m.toml" else check_fits)(proc, r)
+
+
+@pytest.mark.aot
+@pytest.mark.timeout(1800)
+def test_fsdp_on_v4_32_moves_little_and_keeps_data_parallel_memory(tmp_path):
+    """6 sequences per chip on 16 chips: FSDP's collectives stay under 8 GiB per chip per step and
+    its temporaries within 1.5x of pure data parallelism's at the same per-chip batch."""
+    needs_libtpu()
+    proc, fsdp = aot("gpt2_124m.toml", "v4-32", "--mesh.fsdp=-1", tmp_path=tmp_path / "fsdp")
+    check_fits(proc, fsdp)
+    assert fsdp["seq_per_chip"] == 6 and sum(fsdp["collective_gib"].values()) <= 8, proc.stdout
+    proc, dp = aot("gpt2_124m.toml", "v4-32", "--mesh.data=-1", "--mesh.fsdp=1", tmp_path=tmp_path / "dp")
+    check_fits(proc, dp)
+    assert dp["seq_per_chip"] == 6 and fsdp["temp_gib"] <= 1.5 * dp["temp_gib"], (fsdp, dp)
+
+
+@pytest.mark.aot
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("mesh", [["--mesh.fsdp=-1"], ["--mesh.data=-1", "--mesh.fsdp=1"]], ids=["fsdp", "dp"])
+def test_splash_attention_compiles_sharded_on_v4_32(mesh, tmp_path):
+    needs_libtpu()
+    proc, r = aot("gpt2_124m.toml", "v4-32", "--attention=splash", *mesh, tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert r["fits"] and r["per_chip_gib"] <= 0.9 * r["hbm_gib"], proc.stdout
