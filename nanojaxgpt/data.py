@@ -95,6 +95,9 @@ def prepare_command(data_dir: str, tokenizer: str | None = None) -> str:
         return f"python tools/prepare_shakespeare_char.py{source} --out {data_dir}"
     if "openwebtext" in name:
         return f"python tools/prepare_openwebtext.py --out {data_dir}"
+    if "fineweb" in name:
+        corpus = "fineweb-edu-10bt" if "edu" in name else "fineweb-10bt"
+        return f"python tools/prepare_hf_dataset.py --dataset {corpus} --out {data_dir}"
     return f"python tools/prepare_text.py --input YOUR_FILES.txt --out {data_dir}"
 
 

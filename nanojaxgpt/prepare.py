@@ -121,7 +121,7 @@ def _staging(out: str, work_dir: str | None) -> Path:
     return Path(tempfile.mkdtemp(prefix="nanojaxgpt-prepare-"))
 
 
-def _publish(meta: Meta, local: Path, out: str, work_dir: str | None) -> Prepared:
+def publish(meta: Meta, local: Path, out: str, work_dir: str | None) -> Prepared:
     (local / META).write_text(meta.to_json())
     if not storage.is_gcs(out):
         return Prepared(meta, out, local, None)
@@ -180,7 +180,7 @@ def prepare_char(text: str, out: str, *, work_dir: str | None = None, record_siz
         splits[split] = writer.close(documents=1)
     meta = Meta(vocab_size=tok.vocab_size, tokenizer="char", eot=None, dtype=token_dtype(tok.vocab_size),
                 record_size=record_size, splits=splits, itos=tok.itos)
-    return _publish(meta, local, out, work_dir)
+    return publish(meta, local, out, work_dir)
 
 
 def val_documents(n_documents: int, val_fraction: float, seed: int) -> np.ndarray:
@@ -226,7 +226,7 @@ def prepare_documents(documents: Iterable[str], n_documents: int, out: str, *, v
     splits = {s: w.close(documents=counts[s]) for s, w in writers.items()}
     meta = Meta(vocab_size=tok.vocab_size, tokenizer="gpt2", eot=tok.eot, dtype=token_dtype(tok.vocab_size),
                 record_size=record_size, splits=splits)
-    return _publish(meta, local, out, work_dir)
+    return publish(meta, local, out, work_dir)
 
 
 class TextFiles:

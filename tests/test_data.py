@@ -130,6 +130,8 @@ def test_hints_name_the_tool_that_makes_the_data(tmp_path):
             "python tools/prepare_shakespeare_char.py --input YOUR_TEXT.txt")
     assert "prepare_shakespeare_char.py --input" in data.prepare_command("data/mine", "char")
     assert "prepare_openwebtext.py" in data.prepare_command("gs://b/openwebtext", "gpt2")
+    assert data.prepare_command("gs://b/fineweb-edu-10bt", "gpt2") == (
+        "python tools/prepare_hf_dataset.py --dataset fineweb-edu-10bt --out gs://b/fineweb-edu-10bt")
     assert "prepare_text.py" in data.prepare_command("data/mine", "gpt2")
 
 
