@@ -179,7 +179,7 @@ def load(source: str, **overrides) -> GPT:
 
 
 def _check_exportable(cfg: ModelConfig) -> None:
-    gpt2 = {"mlp": "gelu", "norm": "layernorm", "position": "learned", "bias": True}
+    gpt2 = {"mlp": "gelu", "norm": "layernorm", "position": "learned"}  # bias=False: zero biases
     differ = {k: getattr(cfg, k) for k, v in gpt2.items() if getattr(cfg, k) != v}
     if differ:
         raise LoadError("only the GPT-2 architecture exports to Hugging Face format "
@@ -188,7 +188,8 @@ def _check_exportable(cfg: ModelConfig) -> None:
 
 
 def to_tensors(model: GPT) -> dict[str, np.ndarray]:
-    """Hugging Face GPT-2 tensors (transformers' names, vocab un-padded, lm_head tied so absent)."""
+    """Hugging Face GPT-2 tensors (transformers' names, vocab un-padded, lm_head tied so absent).
+    A model without biases gets zero ones, which compute the same function."""
     cfg = model.config
     _check_exportable(cfg)
     out: dict[str, np.ndarray] = {}
@@ -207,6 +208,10 @@ def to_tensors(model: GPT) -> dict[str, np.ndarray]:
             out[f"transformer.{name}"] = a
 
     jax.tree_util.tree_map_with_path(put, model)
+    if not cfg.bias:  # Conv1D weights are [in, out] and norm gains [E]: the bias is [out] / [E]
+        out |= {name.removesuffix("weight") + "bias": np.zeros(w.shape[-1:], np.float32)
+                for name, w in list(out.items()) if name.endswith(".weight") and ".wte." not in name
+                and ".wpe." not in name}
     return out
 
 

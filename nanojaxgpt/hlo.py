@@ -127,7 +127,34 @@ def _trip_count(whl: Instr, comps: dict[str, Computation]) -> int | None:
     cond = re.search(r"condition=(%[\w.\-]+)", whl.attrs)
     consts = [i for i in comps[cond.group(1)].instrs if i.op == "constant"] if cond else []
     values = {int(c.args) for c in consts if re.fullmatch(r"-?\d+", c.args.strip())}
-    return values.pop() if len(values) == 1 else None
+    if len(values) != 1:
+        return None
+    limit = values.pop()
+    counter = [i for i in comps[cond.group(1)].instrs if i.op == "get-tuple-element"]
+    index = re.search(r"index=(\d+)", counter[0].attrs) if len(counter) == 1 else None
+    step = _step(comps, re.search(r"body=(%[\w.\-]+)", whl.attrs), int(index.group(1))) if index else 1
+    return -(-limit // step)  # the counter starts at 0 (XLA's own loops and scans)
+
+
+def _step(comps: dict[str, Computation], body: re.Match | None, index: int) -> int:
+    """How much the body adds to loop counter `index` per trip: 1 for scans, 2 for XLA:TPU's
+    bidirectional windowed einsums (each trip does two shards' work)."""
+    if body is None or body.group(1) not in comps:
+        return 1
+    by_name = {i.name: i for i in comps[body.group(1)].instrs}
+    root = comps[body.group(1)].instrs[-1] if by_name else None
+    if root is None or root.op != "tuple" or len(root.operands) <= index:
+        return 1
+    update = by_name.get(root.operands[index])
+    if update is None or update.op != "add":
+        return 1
+    for a, b in (update.operands, update.operands[::-1]):
+        old, inc = by_name.get(a), by_name.get(b)
+        if (old is not None and inc is not None and old.op == "get-tuple-element"
+                and re.search(rf"\bindex={index}\b", old.attrs) and inc.op == "constant"
+                and re.fullmatch(r"\d+", inc.args.strip()) and int(inc.args) > 0):
+            return int(inc.args)
+    return 1
 
 
 def multipliers(comps: dict[str, Computation], entry: str) -> tuple[dict[str, float], list[str]]:

@@ -39,6 +39,40 @@ def test_hlo_counts_loop_bodies_by_their_trips():
     assert run.unknown_loops == []
 
 
+# XLA:TPU's bidirectional windowed einsum (FSDP weights gathered while multiplying) counts to
+# the number of shards in steps of 2, with two shards' dots per trip: 8 shards are 4 trips.
+_STEP_2_LOOP = """HloModule m
+%body (p: (s32[], f32[4,4])) -> (s32[], f32[4,4]) {
+  %p = (s32[], f32[4,4]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[4,4] get-tuple-element(%p), index=1
+  %two = s32[] constant(2)
+  %next = s32[] add(%i, %two)
+  %y = f32[4,4] dot(%x, %x), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  ROOT %t = (s32[], f32[4,4]) tuple(%next, %y)
+}
+%cond (q: (s32[], f32[4,4])) -> pred[] {
+  %q = (s32[], f32[4,4]) parameter(0)
+  %j = s32[] get-tuple-element(%q), index=0
+  %eight = s32[] constant(8)
+  ROOT %lt = pred[] compare(%j, %eight), direction=LT
+}
+ENTRY %main (a: f32[4,4]) -> f32[4,4] {
+  %a = f32[4,4] parameter(0)
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[4,4]) tuple(%zero, %a)
+  %w = (s32[], f32[4,4]) while(%init), condition=%cond, body=%body
+  ROOT %out = f32[4,4] get-tuple-element(%w), index=1
+}
+"""
+
+
+def test_hlo_counts_a_loop_by_its_counter_step():
+    run = hlo.analyze(_STEP_2_LOOP)
+    assert run.flops == 4 * 2 * 4 * 4 * 4 and run.unknown_loops == []
+    assert hlo.analyze(_STEP_2_LOOP.replace("constant(2)", "constant(1)")).flops == 8 * 2 * 4 * 4 * 4
+
+
 @pytest.mark.timeout(300)
 def test_out_of_memory_exits_3_saying_what_to_change(tmp_path):
     needs_libtpu()

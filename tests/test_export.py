@@ -62,18 +62,33 @@ def test_transformers_scores_hellaswag_as_the_run_logged(bpe_run, exported):  # 
         pytest.approx((acc, acc_norm))
 
 
-def test_a_variant_gpt2_cannot_express_is_one_line(tmp_path):
+def test_a_bias_free_run_exports_with_zero_biases_and_a_variant_is_one_line(tmp_path):
     from tests.conftest import shakespeare
 
     prepare.prepare_char(shakespeare()[:20_000], str(tmp_path / "data"))
     run(str(tmp_path / "data"), str(tmp_path / "run"), "--max_iters=1", "--block_size=8")  # bias=false
-    cmd = [sys.executable, "-m", "nanojaxgpt.export", f"--init_from={tmp_path / 'run'}",
-           f"--out={tmp_path / 'hf'}"]
-    proc = subprocess.run(cmd, env=os.environ, capture_output=True, text=True, timeout=240)
+    export_cmd = lambda run_dir, hf_dir: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "nanojaxgpt.export", f"--init_from={run_dir}", f"--out={hf_dir}"],
+        env=os.environ, capture_output=True, text=True, timeout=240)
+    proc = export_cmd(tmp_path / "run", tmp_path / "hf")
+    assert proc.returncode == 0 and "no tokenizer files: the model reads 'char' tokens" in proc.stdout, proc.stderr
+    ours = sample.load_model(str(tmp_path / "run")).model
+    assert not ours.config.bias
+    theirs = GPT2LMHeadModel.from_pretrained(tmp_path / "hf", attn_implementation="eager", dtype=torch.float32)
+    vocab = ours.config.vocab_size  # the characters of the text
+    idx = np.random.RandomState(0).randint(0, vocab, 8)
+    with torch.no_grad():
+        expected = theirs.eval()(torch.tensor(idx)[None]).logits[0].numpy()
+    logits = np.asarray(jax.jit(lambda m, i: m(i, inference=True))(ours, jnp.asarray(idx)))
+    np.testing.assert_allclose(logits[:, :vocab], expected, atol=1e-4, rtol=0)
+    assert not theirs.transformer.h[0].mlp.c_fc.bias.any()
+
+    run(str(tmp_path / "data"), str(tmp_path / "rms"), "--max_iters=1", "--block_size=8", "--norm=rmsnorm")
+    proc = export_cmd(tmp_path / "rms", tmp_path / "hf-rms")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: only the GPT-2 architecture exports to Hugging Face format (mlp='gelu', "
-        "norm='layernorm', position='learned', bias=True); this model has bias=False")
-    assert not (tmp_path / "hf").exists()
+        "norm='layernorm', position='learned'); this model has norm='rmsnorm'")
+    assert not (tmp_path / "hf-rms").exists()
     with pytest.raises(ValueError, match="writes a local directory"):
         export.export(str(tmp_path / "run"), "gs://bucket/hf")

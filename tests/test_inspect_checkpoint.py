@@ -1,8 +1,10 @@
-"""tools/inspect_checkpoint.py on real runs: complete and half-written checkpoints, local and gs://."""
+"""tools/inspect_checkpoint.py on real runs: complete, half-written and damaged checkpoints, local
+and gs://."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -12,7 +14,8 @@ import pytest
 
 from nanojaxgpt import checkpoint
 from nanojaxgpt.config import CheckpointConfig, Config, MeshConfig
-from tests.test_checkpoint import CFG, REPO, kill_mid_save
+from tests.test_checkpoint import CFG, REPO, kill_mid_save, save
+from tests.test_checkpoint_integrity import flip_largest_local, state_of
 from tools import inspect_checkpoint
 
 N = 1 << 22  # floats in the killed saver's state: 16 MiB a checkpoint
@@ -80,6 +83,45 @@ def test_gcs_run(gcs, capsys):
     assert table[0][-5:] == ["2", "2", "16", "8", "2,4,1"]
     assert inspect_checkpoint.main([run, "--config", "200"]) == 0
     assert json.loads(capsys.readouterr().out) == json.loads(cfg.to_json())
+    assert inspect_checkpoint.main([run, "--verify"]) == 0  # the arrays read back from gs://
+    assert [r[:2] for r in rows(capsys.readouterr().out)] == [["100", "complete"], ["200", "complete"]]
+
+
+def test_damaged_checkpoints_show_as_damaged_with_the_reason(tmp_path, capsys):
+    with checkpoint.Checkpointer(str(tmp_path), CheckpointConfig(keep_checkpoints=10)) as ck:
+        for step in range(1, 7):
+            state = state_of(step)
+            if step == 6:
+                state["big"] = state["big"].at[5].set(float("nan"))
+            save(ck, step, state)
+    root = tmp_path / "checkpoints"
+    shutil.rmtree(root / "2" / "state")  # the state is gone, the commit markers are not
+    meta = root / "3" / "meta" / "metadata"
+    meta.write_text(meta.read_text().replace('"data_step": 3', '"data_step": 30'))
+    (root / "4" / "config" / "metadata").write_bytes(b"\x89\xff not json")
+    flip_largest_local(root / "5")  # array bytes: seen only when the arrays are read
+
+    assert inspect_checkpoint.main([str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    table = rows(out)
+    assert [r[:2] for r in table[:6]] == [["1", "complete"], ["2", "DAMAGED"], ["3", "DAMAGED"],
+                                         ["4", "DAMAGED"], ["5", "complete"], ["6", "complete"]]
+    reasons = out.split("\n\n", 1)[1].splitlines()
+    assert reasons == [
+        f"step 2 is DAMAGED ({root / '2'}): its state is missing",
+        f"step 3 is DAMAGED ({root / '3'}): its metadata or config changed after it was written "
+        "(CRC-32C mismatch)",
+        f"step 4 is DAMAGED ({root / '4'}): its config is not readable JSON (UnicodeDecodeError)"]
+
+    assert inspect_checkpoint.main([str(tmp_path), "--verify"]) == 1
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].endswith("(every array read and checked)")
+    assert [r[1] for r in rows(out)[:6]] == ["complete"] + ["DAMAGED"] * 5
+    reasons = out.split("\n\n", 1)[1].splitlines()
+    assert reasons[3:] == [
+        f"step 5 is DAMAGED ({root / '5'}): the data of big changed after it was written "
+        "(digest mismatch)",
+        f"step 6 is DAMAGED ({root / '6'}): big holds non-finite values (NaN or inf)"]
 
 
 def test_runs_as_a_script(killed_run):
