@@ -32,6 +32,9 @@ from nanojaxgpt.step import compile_ahead
 
 log = logging.getLogger("nanojaxgpt.train")
 
+# Steps of batches read ahead of training: a gs:// read waits on the network, so more are in flight.
+LOCAL_FEED_DEPTH, REMOTE_FEED_DEPTH = 4, 8
+
 
 def _vocab_from_data(cfg: config.Config, meta: data.Meta) -> config.Config:
     """A model trained from scratch takes its vocabulary size from the prepared data."""
@@ -199,8 +202,9 @@ def _run(cfg: config.Config, topo: distributed.Topology, mesh: Mesh, meta: data.
         tb.scalars(step, values)
         log.info(progress.line(step, values))
 
-    remote = storage.is_gcs(cfg.data.data_dir)  # every read waits on the network: more in flight
-    feed = Feed(global_batch, start=start, stop=t.max_iters, depth=8 if remote else 4,
+    remote = storage.is_gcs(cfg.data.data_dir)
+    feed = Feed(global_batch, start=start, stop=t.max_iters,
+                depth=REMOTE_FEED_DEPTH if remote else LOCAL_FEED_DEPTH,
                 threads=4 if remote else 2)
     profiler = Profiler(t.out_dir, t.profile_start, t.profile_steps, first_step=start,
                         enabled=t.profile_all_hosts or topo.process_index == 0)

@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from nanojaxgpt import config, optim, prepare
+from nanojaxgpt import completion, config, optim, prepare
 from tests import train_runs
 from tests.test_checkpoint_integrity import flip_largest_local
 from tests.test_train_errors import _one_error_line, _steps
@@ -58,8 +58,11 @@ def trained(data_dir, env, tmp_path_factory):
 
 
 def copy_of(trained, tmp_path):
+    """The run as a preemption after its last checkpoint leaves it: without the completion marker
+    (a complete run is not restored again, see tests/test_completion.py)."""
     out = tmp_path / "run"
     shutil.copytree(trained, out)
+    (out / completion.MARKER).unlink()
     return out
 
 
