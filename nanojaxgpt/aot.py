@@ -10,6 +10,7 @@ assuming they overlap perfectly (a bound, not a prediction).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import math
 import os
@@ -18,8 +19,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import jax
-from jax.experimental import mesh_utils
-from jax.sharding import AxisType, Mesh
+from jax.sharding import Mesh
 
 from nanojaxgpt import hlo, program, sharding, topology
 from nanojaxgpt import model as gpt
@@ -76,17 +76,12 @@ def _locked(path: str) -> bool:
 
 
 def make_mesh(cfg: Config, topo: topology.Topology, devices: list) -> Mesh:
-    """The run's mesh on these devices; across slices the `data` axis spans the slices (DCN)."""
-    if topo.num_slices == 1:
-        return sharding.make_mesh(cfg.mesh, devices)
-    d, f, t = sharding.mesh_shape(cfg.mesh, len(devices))
-    if d % topo.num_slices:
-        raise ConfigError(f"{topo.name} has {topo.num_slices} slices: mesh.data={d} must be a "
-                          f"multiple of {topo.num_slices} (data parallelism crosses slices); "
-                          f"e.g. --mesh.data={topo.num_slices} --mesh.fsdp=-1")
-    grid = mesh_utils.create_hybrid_device_mesh((d // topo.num_slices, f, t), (topo.num_slices, 1, 1),
-                                                devices)
-    return Mesh(grid, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    """The run's mesh on the topology's devices; a multislice topology sets mesh.slices, so the
+    data axis spans its slices (the data-centre network) as in the run."""
+    mesh = cfg.mesh
+    if mesh.slices == 1 and topo.num_slices > 1:
+        mesh = dataclasses.replace(mesh, slices=topo.num_slices)
+    return sharding.make_mesh(mesh, devices)
 
 
 @dataclass(frozen=True)

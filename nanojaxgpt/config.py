@@ -58,6 +58,9 @@ class MeshConfig:
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    # Slices (TPU multislice) or, where devices have no slice, hosts that the data axis spans over
+    # the data-centre network: only the once-per-step gradient reduction crosses it.
+    slices: int = 1
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,9 @@ class TrainConfig:
     hellaswag: bool = False  # HellaSwag accuracy at every eval (GPT-2 BPE data; nanojaxgpt/hellaswag.py)
     hellaswag_file: str = ""  # hellaswag_val.jsonl; "" = the cached copy, downloaded once
     hellaswag_limit: int = 0  # score the first N examples only (0 = all 10,042)
+    # JAX's persistent compilation cache (nanojaxgpt/compile_cache.py): "" = out_dir/compile_cache,
+    # "off", or a local or gs:// directory
+    compilation_cache_dir: str = ""
 
 
 @dataclass(frozen=True)
@@ -284,6 +290,7 @@ def _validate(cfg: Config) -> None:
     for axis in ("data", "fsdp", "tensor"):
         v = getattr(cfg.mesh, axis)
         _check(v > 0 or v == -1, f"mesh.{axis}={v} must be a positive device count or -1 (the rest)")
+    _check(cfg.mesh.slices >= 1, f"mesh.slices={cfg.mesh.slices} must be >= 1")
     _check([cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) <= 1,
            "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
 
@@ -354,11 +361,14 @@ def resolve_paths(cfg: Config) -> Config:
     init_from = cfg.train.init_from  # "scratch", a GPT-2 name, or a directory
     if os.path.exists(init_from) or os.sep in init_from or init_from.startswith((".", "~")):
         init_from = absolute(init_from)
+    cache_dir = cfg.train.compilation_cache_dir
+    cache_dir = absolute(cache_dir) if cache_dir not in ("", "off") else cache_dir
     return dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, data_dir=absolute(cfg.data.data_dir)),
         train=dataclasses.replace(cfg.train, out_dir=absolute(cfg.train.out_dir),
                                   init_from=init_from,
-                                  hellaswag_file=cfg.train.hellaswag_file and absolute(cfg.train.hellaswag_file)))
+                                  hellaswag_file=cfg.train.hellaswag_file and absolute(cfg.train.hellaswag_file),
+                                  compilation_cache_dir=cache_dir))
 
 
 def replace(cfg: Config, overrides: dict[str, Any], source: str = "overrides") -> Config:

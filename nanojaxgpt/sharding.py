@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -80,10 +81,31 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over all global devices with Auto axes (classic GSPMD)."""
+    """A (data, fsdp, tensor) mesh over all global devices with Auto axes (classic GSPMD).
+
+    With mesh.slices > 1 the data axis is the outer one over slices (over hosts where the devices
+    are all on one slice): each slice holds whole fsdp x tensor groups, so weights are gathered and activations
+    exchanged inside a slice, and only the gradient reduction of the data axis crosses between them.
+    """
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(cfg, len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    if cfg.slices == 1:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    # TPU multislice devices carry their slice; elsewhere (GPU nodes, one slice) a host is one.
+    by_slice = len({getattr(d, "slice_index", 0) for d in devices}) > 1
+    unit = "slice" if by_slice else "host"
+    found = len({getattr(d, "slice_index" if by_slice else "process_index") for d in devices})
+    if found != cfg.slices:
+        raise ConfigError(f"mesh.slices={cfg.slices} but the {len(devices)} devices are on {found} "
+                          f"{unit}(s); set --mesh.slices={found}")
+    if shape[0] % cfg.slices:
+        raise ConfigError(f"mesh.slices={cfg.slices}: mesh.data={shape[0]} must be a multiple of it "
+                          f"(data parallelism crosses {unit}s); e.g. --mesh.data={cfg.slices} "
+                          "--mesh.fsdp=-1")
+    grid = mesh_utils.create_hybrid_device_mesh(
+        (shape[0] // cfg.slices, shape[1], shape[2]), (cfg.slices, 1, 1), devices,
+        process_is_granule=not by_slice)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
 def mesh_spec(logical: P, shape: Sequence[int], mesh: Mesh, taken: Collection[str] = ()) -> P:

@@ -22,7 +22,7 @@ from jaxtyping import PyTree
 
 from nanojaxgpt import checkpoint, completion, config, cpu, data, distributed, hellaswag, metrics, sharding, storage
 from nanojaxgpt import model as gpt
-from nanojaxgpt import program, resume, runlock
+from nanojaxgpt import compile_cache, program, resume, runlock
 from nanojaxgpt.cli import hard_exit, run_command
 from nanojaxgpt.feed import Feed
 from nanojaxgpt.preemption import Preemption, exit_during_startup
@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
               f">= max_iters {cfg.train.max_iters}); nothing to do", file=sys.stderr)
         return 0
 
+    compile_cache.enable(cfg.train.compilation_cache_dir, cfg.train.out_dir)  # before any compile
     topo = distributed.initialize(cfg.distributed)
     exit_during_startup()  # jax.distributed installs its own SIGTERM handler
     distributed.setup_logging(topo)
@@ -203,6 +204,7 @@ def _run(cfg: config.Config, topo: distributed.Topology, mesh: Mesh, meta: data.
         log.info(progress.line(step, values))
 
     remote = storage.is_gcs(cfg.data.data_dir)
+    cache_dir = compile_cache.directory(t.compilation_cache_dir, t.out_dir)
     feed = Feed(global_batch, start=start, stop=t.max_iters,
                 depth=REMOTE_FEED_DEPTH if remote else LOCAL_FEED_DEPTH,
                 threads=4 if remote else 2)
@@ -217,6 +219,9 @@ def _run(cfg: config.Config, topo: distributed.Topology, mesh: Mesh, meta: data.
                 evaluate(step, state["model"])
             profiler.before_step(step, lambda: jax.block_until_ready(state))
             state, out = steps.train(state, feed.get(step))
+            if step == start and cache_dir is not None:  # every step is compiled by now
+                log.info("compilation cache %s: %d compiles loaded from it, %.1f s of compiling "
+                         "saved", cache_dir, *compile_cache.served())
             done = step + 1
             if logged is not None:  # one step late: the host never waits on the step it queued
                 report(*logged)

@@ -2,11 +2,16 @@
 
 import itertools
 import os
+import tempfile
 from pathlib import Path
 
 # Before anything touches a JAX backend: the multi-device tests run on 8 fake CPU devices.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the suite and the runs it starts (tests/multiprocess.py
+# passes it on): the many runs of the same tiny models compile once. A test of the cache itself,
+# or of a user's shell, removes the variable.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="nanojaxgpt-tests-jax-cache-"))
 
 # tiktoken's "gpt2" files, offline, when the shared folder is beside the checkout.
 _SHARED = Path(__file__).resolve().parents[2] / "shared"

@@ -8,6 +8,10 @@ lists (about 40 minutes here).
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -15,7 +19,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from nanojaxgpt import hlo
-from tests.aot_run import aot, check_fits, check_gpt2_124m, needs_libtpu
+from tests.aot_run import REPO, aot, aot_env, check_fits, check_gpt2_124m, needs_libtpu
 
 
 def test_hlo_counts_loop_bodies_by_their_trips():
@@ -127,3 +131,30 @@ def test_splash_attention_compiles_sharded_on_v4_32(mesh, tmp_path):
     proc, r = aot("gpt2_124m.toml", "v4-32", "--attention=splash", *mesh, tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert r["fits"] and r["per_chip_gib"] <= 0.9 * r["hbm_gib"], proc.stdout
+
+
+MESH_ROWS = """
+import json, sys
+from nanojaxgpt import aot, config, topology
+topo = topology.TOPOLOGIES["v5e-16x2"]
+cfg = config.load(sys.argv[1], ["--mesh.data=2", "--mesh.fsdp=-1"])
+with aot.libtpu_lock(topo):
+    mesh = aot.make_mesh(cfg, topo, topology.devices(topo))
+    print(json.dumps([dict(mesh.shape), [sorted({d.slice_index for d in row.flat}) for row in mesh.devices]]))
+"""
+
+
+@pytest.mark.aot
+@pytest.mark.timeout(1200)
+def test_two_slices_span_the_data_axis_and_fit(tmp_path):
+    """v5e-16x2: the mesh's data axis is the slices (each row of the mesh one slice's 16 chips, so
+    only the data axis's gradient reduction crosses the data-centre network), and the step fits."""
+    needs_libtpu()
+    proc = subprocess.run([sys.executable, "-c", MESH_ROWS, str(REPO / "configs/gpt2_124m.toml")],
+                          capture_output=True, text=True, env=aot_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shape, rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert shape == {"data": 2, "fsdp": 16, "tensor": 1} and rows == [[0], [1]]
+    proc, r = aot("gpt2_124m.toml", "v5e-16x2", "--mesh.data=2", "--mesh.fsdp=-1", tmp_path=tmp_path)
+    check_fits(proc, r)
+    assert r["seq_per_chip"] == 3, proc.stdout

@@ -90,6 +90,14 @@ logging.info("info from %d", topology.process_index)
 logging.warning("warning from %d", topology.process_index)
 print("TOPOLOGY", topology.process_index, topology.process_count, topology.local_device_count,
       topology.global_device_count, topology.platform, jax.device_count())
+from nanojaxgpt import sharding
+from nanojaxgpt.config import ConfigError, MeshConfig
+mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=-1, slices=2))  # a host per slice
+print("SLICES", dict(mesh.shape), [sorted({d.process_index for d in row.flat}) for row in mesh.devices])
+try:
+    sharding.make_mesh(MeshConfig(data=1, fsdp=-1, slices=2))
+except ConfigError as e:
+    print("ERROR", e)
 """
     with multiprocess.launch(code, 2) as job:
         results = job.wait(timeout=60)
@@ -98,6 +106,10 @@ print("TOPOLOGY", topology.process_index, topology.process_count, topology.local
         assert f"TOPOLOGY {r.process_id} 2 2 4 cpu 4" in r.output
         assert r.output.count(f"WARNING warning from {r.process_id}") == 1, r.output
         assert f"[process {r.process_id}/2]" in r.output
+        # mesh.slices=2: the data axis is the outer one, one host's devices on each of its rows
+        assert "SLICES {'data': 2, 'fsdp': 2, 'tensor': 1} [[0], [1]]" in r.output, r.output
+        assert ("ERROR mesh.slices=2: mesh.data=1 must be a multiple of it (data parallelism "
+                "crosses hosts); e.g. --mesh.data=2 --mesh.fsdp=-1") in r.output, r.output
     assert "info from 0" in results[0].output
     assert "info from 1" not in results[1].output  # only process 0 logs INFO
 

@@ -109,6 +109,7 @@ class Shell:
         subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(self.venv)],
                        check=True)
         self.env = isolated_env()  # no fake devices, no JAX_PLATFORMS: as a user's shell
+        self.env.pop("JAX_COMPILATION_CACHE_DIR", None)  # a user's run has its own default cache
         self.env["PATH"] = f"{self.venv / 'bin'}{os.pathsep}{self.env['PATH']}"
         self.env.pop("PYTHONPATH", None)
 

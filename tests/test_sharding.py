@@ -18,6 +18,8 @@ def test_mesh_fills_the_rest_and_is_auto():
 @pytest.mark.parametrize("cfg,msg", [
     (MeshConfig(data=3, fsdp=1, tensor=1), "needs 3 devices but there are 8"),
     (MeshConfig(data=3, fsdp=-1, tensor=1), "cannot be split"),
+    (MeshConfig(data=2, fsdp=-1, slices=2),
+     r"mesh.slices=2 but the 8 devices are on 1 host\(s\); set --mesh.slices=1"),
 ])
 def test_mesh_that_does_not_match_the_devices_is_a_clear_error(cfg, msg):
     with pytest.raises(ConfigError, match=msg):

@@ -21,11 +21,16 @@ TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_
         "--lr_decay_iters=40"]
 
 
-def env_for(devices: int, extra: dict[str, str] | None = None) -> dict[str, str]:
+def env_for(devices: int, extra: dict[str, str | None] | None = None) -> dict[str, str]:
+    """The run's environment: `devices` fake CPU devices; an `extra` value of None removes it."""
     env = isolated_env()
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["JAX_PLATFORMS"] = "cpu"
-    env.update(extra or {})
+    for k, v in (extra or {}).items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
     return env
 
 
@@ -34,9 +39,9 @@ def command(data_dir: str, out_dir: str, *overrides: str) -> list[str]:
             *TINY, f"--data_dir={data_dir}", f"--out_dir={out_dir}", *overrides]
 
 
-def run(data_dir: str, out_dir: str, *overrides: str, devices: int = 8,
-        timeout: float = 240) -> subprocess.CompletedProcess:
-    proc = subprocess.run(command(data_dir, out_dir, *overrides), env=env_for(devices),
+def run(data_dir: str, out_dir: str, *overrides: str, devices: int = 8, timeout: float = 240,
+        env: dict[str, str | None] | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(command(data_dir, out_dir, *overrides), env=env_for(devices, env),
                           cwd=REPO, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"train failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
     return proc
