@@ -8,7 +8,8 @@ knows fails the suite). The only liberties taken, each where a test machine diff
 - the quick start's `--max_iters=2000` becomes 500 (the evaluation at its end is still run), and
   its first run is interrupted with Ctrl-C (SIGINT) after a checkpoint, then run again, as a user resumes;
 - `--init_from=gpt2` reads a small random GPT-2 from a Hugging Face cache the test writes
-  (HF_HUB_OFFLINE=1), not OpenAI's weights from the hub;
+  (HF_HUB_OFFLINE=1), not OpenAI's weights from the hub, and HellaSwag gets `--hellaswag_file`
+  with a few records in its format (the test is offline);
 - the test command itself is not run from inside the tests: it must be what .ci/run runs;
 - `pip install -e ".[tpu]"` is not run: the test checks that what it would install (jax[tpu] of
   the installed jax, so its libtpu) is installed already;
@@ -62,6 +63,9 @@ RUNNERS = {
     "tensorboard_install": r"pip install tensorboard",
     "tensorboard": r"tensorboard --logdir out-shakespeare-char",
     "sample_gpt2": r"python -m nanojaxgpt\.sample --init_from=gpt2 .*",
+    "eval_run": r"python -m nanojaxgpt\.eval --init_from=out-shakespeare-char --tasks=val_loss",
+    "export": r"python -m nanojaxgpt\.export --init_from=out-shakespeare-char --out=\S+",
+    "hellaswag_gpt2": r"python -m nanojaxgpt\.eval --init_from=gpt2 --tasks=hellaswag",
     "test_install": r'pip install -e "\.\[test\]"',
     "test": r"python -m pytest",
     "tpu_install": r'pip install -e "\.\[tpu\]"',
@@ -230,11 +234,30 @@ def test_tensorboard_serves_the_run(shell, tmp_path):
         proc.wait(timeout=30)
 
 
-def test_sampling_from_gpt2(shell, tmp_path):
+def test_eval_prints_the_val_loss_of_the_runs_last_evaluation(shell):
+    out = shell.run(the_command("eval_run")).stdout
+    m = re.fullmatch(r"val loss ([\d.]+) \((\d+) tokens\)", out.strip())
+    final = re.search(rf"step {QUICK_MAX_ITERS}: train loss [\d.]+, val loss ([\d.]+)", shell.quick.stderr)
+    assert m and final, out
+    assert float(m.group(1)) == pytest.approx(float(final.group(1)), abs=2e-4), (out, final.group(0))
+
+
+def test_export_opens_in_transformers(shell):
+    import transformers
+
+    command = the_command("export")
+    shell.run(command)
+    hf_dir = shell.cwd / re.search(r"--out=(\S+)", command).group(1)
+    model = transformers.GPT2LMHeadModel.from_pretrained(hf_dir)
+    saved = json.loads((shell.cwd / "out-shakespeare-char" / "config.json").read_text())["model"]
+    assert (model.config.n_layer, model.config.n_embd) == (saved["n_layer"], saved["n_embd"])
+
+
+def _hf_cache_with_a_random_gpt2(home: Path) -> dict:
+    """A Hugging Face cache holding a small random GPT-2 as openai-community/gpt2, offline."""
     import torch
     import transformers
 
-    home = tmp_path / "hf"  # a Hugging Face cache holding a small random GPT-2 as openai-community/gpt2
     repo = home / "hub" / "models--openai-community--gpt2"
     snapshot = repo / "snapshots" / ("0" * 40)
     torch.manual_seed(0)
@@ -242,9 +265,25 @@ def test_sampling_from_gpt2(shell, tmp_path):
     transformers.GPT2LMHeadModel(cfg).save_pretrained(snapshot)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(snapshot.name)
+    return {"HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+
+
+def test_hellaswag_of_gpt2(shell, tmp_path):
+    from tests import eval_runs
+
+    records = tmp_path / "hellaswag.jsonl"
+    eval_runs.write_records(records)
+    env = _hf_cache_with_a_random_gpt2(tmp_path / "hf")
+    out = shell.run(f"{the_command('hellaswag_gpt2')} --hellaswag_file={records}", env=env).stdout
+    m = re.fullmatch(r"hellaswag acc ([\d.]+) acc_norm ([\d.]+) \((\d+) examples\)", out.strip())
+    assert m and int(m.group(3)) == len(eval_runs.RECORDS), out
+    assert all(0 <= float(v) <= 1 for v in m.groups()[:2]), out
+
+
+def test_sampling_from_gpt2(shell, tmp_path):
     command = the_command("sample_gpt2")
     prompt = re.search(r'--start="([^"]*)"', command).group(1)
-    out = shell.run(command, env={"HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}).stdout
+    out = shell.run(command, env=_hf_cache_with_a_random_gpt2(tmp_path / "hf")).stdout
     samples = [s.strip("\n") for s in out.split("---------------") if s.strip()]
     n = int(re.search(r"--num_samples=(\d+)", command).group(1))
     assert len(samples) == n and all(s.startswith(prompt) for s in samples), out[:2000]
