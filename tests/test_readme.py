@@ -314,7 +314,7 @@ def test_the_aot_check_before_booking_a_slice(tmp_path):
     sh = Shell(tmp_path)  # a user's shell: no JAX_ or XLA_ variables
     out = tmp_path / "aot.json"
     proc = sh.run(f"{the_command('aot')} --json={out}", timeout=900)
-    # The README's claim: it fits, as shipped. The FLOPs and collectives it executes on 16 chips
-    # (1.73x the model's FLOPs, 16 GiB of collectives on v5e-16) are held to their targets (1.6x,
-    # 8 GiB) by `pytest -m aot tests/test_aot.py`; here only to what was measured.
-    check_gpt2_124m(proc, json.loads(out.read_text()), max_flops=1.8, max_collective_gib=17)
+    # The README's claim: it fits, as shipped, at 1.04x the model's FLOPs. v5e-16 executes 12.9 GiB
+    # of collectives per chip per step (9.4 of them all-gathers of FSDP weights, measured), above
+    # the 8 GiB the other shipped targets meet in `pytest -m aot tests/test_aot.py`.
+    check_gpt2_124m(proc, json.loads(out.read_text()), max_collective_gib=14)
