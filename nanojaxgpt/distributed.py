@@ -24,8 +24,9 @@ Failure behaviour (jax 0.10.2, measured on CPU with gloo collectives, see tests)
   - not every process joining in time: jax would abort after ~2x the timeout with a misleading
     "another task died"; a watchdog here exits with a clear message at initialization_timeout_s.
   - hosts started with different JAX_NUM_PROCESSES: every host raises the same DistributedError.
-  - a Python exception on one host: its peers wait in their next collective until jax's shutdown
-    barrier gives up (shutdown_timeout_seconds, jax's default 300 s), then abort.
+  - a Python exception on one host: alone, its peers would wait in their next collective until
+    jax's shutdown barrier gives up (300 s); train.py reports it through failfast.py, and every
+    host exits within seconds naming it.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import sys
+import traceback
 from collections.abc import Callable
 from typing import NoReturn
 
@@ -22,8 +23,8 @@ from jaxtyping import PyTree
 
 from nanojaxgpt import checkpoint, completion, config, cpu, data, distributed, hellaswag, metrics, sharding, storage
 from nanojaxgpt import model as gpt
-from nanojaxgpt import compile_cache, program, resume, runlock
-from nanojaxgpt.cli import hard_exit, run_command
+from nanojaxgpt import compile_cache, failfast, program, resume, runlock
+from nanojaxgpt.cli import hard_exit, one_line, run_command
 from nanojaxgpt.feed import Feed
 from nanojaxgpt.preemption import Preemption, exit_during_startup
 from nanojaxgpt.profile import Profiler
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     topo = distributed.initialize(cfg.distributed)
     exit_during_startup()  # jax.distributed installs its own SIGTERM handler
     distributed.setup_logging(topo)
+    failfast.watch()  # another host's error stops this one within seconds
     mesh = sharding.make_mesh(cfg.mesh)
     cpu.tune_process(mesh)
     program.check(cfg, mesh)  # before the run lock: a bad batch size touches nothing
@@ -265,12 +267,27 @@ def _run(cfg: config.Config, topo: distributed.Topology, mesh: Mesh, meta: data.
     return 0
 
 
+def _main_telling_the_others(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except Exception as e:  # any error, expected or not: the other hosts stop too
+        failfast.stop_if_another_failed()  # or this one is the consequence of another's
+        failfast.report(one_line(e))
+        raise
+
+
 def cli(argv: list[str] | None = None, exit: Callable[[int], NoReturn] = sys.exit) -> NoReturn:  # noqa: A002
-    run_command(main, argv, errors=(config.ConfigError, data.DataError, distributed.DistributedError,
-                                    checkpoint.CheckpointError, metrics.MetricsError, Diverged),
+    run_command(_main_telling_the_others, argv,
+                errors=(config.ConfigError, data.DataError, distributed.DistributedError,
+                        checkpoint.CheckpointError, metrics.MetricsError, Diverged),
                 exit=exit)
 
 
 if __name__ == "__main__":
-    # hard_exit: an error must not wait for a compile or a stalled write in a worker thread.
-    cli(exit=hard_exit)
+    # hard_exit: an error must not wait for a compile, a stalled write in a worker thread, or
+    # JAX's shutdown barrier (an unexpected error prints its traceback, then exits 1).
+    try:
+        cli(exit=hard_exit)
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+        hard_exit(1)

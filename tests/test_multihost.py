@@ -23,6 +23,7 @@ import pytest
 
 from nanojaxgpt import checkpoint, config, prepare, train
 from tests import multihost_runs as mr
+from tests.gcs_server import GCSServer
 from tests.conftest import shakespeare
 
 TOLERANCE = dict(rtol=2e-5, atol=2e-5)  # float32: another mesh sums in another order
@@ -275,3 +276,26 @@ def test_misconfiguration_fails_fast_with_a_clear_message(case, data_dir, bucket
         # would take jax's own timeouts (30 s to 5 min).
         assert r.elapsed_s < INIT_TIMEOUT_S + 25, f"{case}: exited after {r.elapsed_s:.1f} s"
     assert not mr.train_reads(tmp_path)  # stopped before reading any training batch
+
+
+@pytest.mark.timeout(150)
+def test_an_error_on_one_host_stops_every_host_within_seconds(data_dir, bucket, gcs_env, tmp_path):
+    """Process 1 talks to another storage server, whose bucket of the same name has no data: only it
+    fails (a data error one host sees), with no test hook in the product. Process 0 read its data
+    and waits for process 1 in a collective; it stops within seconds, naming process 1's error,
+    not after the heartbeat timeout (100 s) or JAX's shutdown barrier (300 s)."""
+    other = GCSServer()
+    try:
+        other.create_bucket(bucket.removeprefix("gs://"))
+        with mr.launch(data_dir, f"{bucket}/one-host-fails", reads_dir=tmp_path, env=gcs_env,
+                       processes=2, devices=2, per_process=[{}, other.env()]) as job:
+            results = job.wait(timeout=120)
+    finally:
+        other.stop()
+    failing, waiting = results[1], results[0]
+    error = f"error: no prepared data in {data_dir}: "
+    assert failing.returncode == 2 and error in failing.output, failing.output[-3000:]
+    assert "Traceback" not in failing.output
+    assert waiting.returncode == 1, waiting.output[-3000:]
+    assert error in waiting.output and "(process 1 failed first; process 0 stops too)" in waiting.output
+    assert waiting.elapsed_s - failing.elapsed_s < 15, (waiting.elapsed_s, failing.elapsed_s)
