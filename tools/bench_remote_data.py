@@ -47,8 +47,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("data_dir", type=storage.absolute)
     parser.add_argument("--latency_ms", type=float, default=50.0)
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("overrides", nargs="*", help="training --key=value overrides (after --)")
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    # Everything after "--" is the training command's own (argparse would take it as ours).
+    overrides = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    args.overrides = overrides
 
     server = GCSServer()
     proxy = LatencyProxy(server.port, args.latency_ms / 1000)
