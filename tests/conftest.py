@@ -8,10 +8,12 @@ from pathlib import Path
 # Before anything touches a JAX backend: the multi-device tests run on 8 fake CPU devices.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# One persistent compilation cache for the suite and the runs it starts (tests/multiprocess.py
-# passes it on): the many runs of the same tiny models compile once. A test of the cache itself,
-# or of a user's shell, removes the variable.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="nanojaxgpt-tests-jax-cache-"))
+# One persistent compilation cache for the runs the suite starts (tests/multiprocess.py gives it
+# to them as JAX_COMPILATION_CACHE_DIR): the many runs of the same tiny models compile once. Not
+# for this process: its tests time saves and compiles in-process. A test of the cache itself, or
+# of a user's shell, removes the variable.
+os.environ.setdefault("NANOJAXGPT_TEST_COMPILATION_CACHE",
+                      tempfile.mkdtemp(prefix="nanojaxgpt-tests-jax-cache-"))
 
 # tiktoken's "gpt2" files, offline, when the shared folder is beside the checkout.
 _SHARED = Path(__file__).resolve().parents[2] / "shared"

@@ -33,8 +33,8 @@ _INHERITED_PREFIXES = ("JAX_", "SLURM_", "OMPI_", "TPU_", "MEGASCALE_", "XLA_FLA
 def isolated_env() -> dict[str, str]:
     """This process's environment without the variables above (a test on a SLURM or TPU node)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(_INHERITED_PREFIXES)}
-    if "JAX_COMPILATION_CACHE_DIR" in os.environ:  # the suite's cache (tests/conftest.py)
-        env["JAX_COMPILATION_CACHE_DIR"] = os.environ["JAX_COMPILATION_CACHE_DIR"]
+    if "NANOJAXGPT_TEST_COMPILATION_CACHE" in os.environ:  # the suite's (tests/conftest.py)
+        env["JAX_COMPILATION_CACHE_DIR"] = os.environ["NANOJAXGPT_TEST_COMPILATION_CACHE"]
     return env
 
 
