@@ -315,7 +315,10 @@ def test_stalled_bucket_times_out_naming_path_and_step(monkeypatch):
         assert time.monotonic() - t0 < 10
         time.sleep(1.0)  # past Orbax's own limit on the background write (same 2 s, begun later)
         os.kill(server._proc.pid, signal.SIGCONT)
-        with pytest.raises(checkpoint.CheckpointError, match="save of step 1 .* failed: Timeout"):
+        # The abandoned save then fails; why is Orbax's own race (its 2 s commit timeout, or its
+        # executor shut down first), so only the path, the step and the failure are held here.
+        with pytest.raises(checkpoint.CheckpointError,
+                           match="save of step 1 to gs://stalled-bucket/run/checkpoints failed: "):
             ck.wait(timeout_s=60)
         assert ck.latest_step() is None
         ck.close()
