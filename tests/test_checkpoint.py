@@ -287,14 +287,15 @@ def test_async_save_error_is_raised_by_next_save_and_wait(tmp_path):
 
 def _join_new_threads(before: set[threading.Thread], timeout_s: float = 30.0) -> None:
     """Give the threads the test started until the deadline to end. Orbax's own thread class
-    raises TimeoutError from join() where threading's returns: one that waits on a signal of the
-    abandoned save may never end, and is left, as threading.Thread.join(timeout) leaves it."""
+    raises from join() where threading's returns: TimeoutError for one that waits on a signal of the
+    abandoned save (it is left, as threading.Thread.join(timeout) leaves it), or the error that
+    ended it (the abandoned save's own failure, which the test has already seen)."""
     deadline = time.monotonic() + timeout_s
     for t in set(threading.enumerate()) - before:
         if not t.daemon:
             try:
                 t.join(max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
+            except Exception:  # noqa: BLE001 - see above
                 pass
 
 
