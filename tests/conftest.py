@@ -43,6 +43,16 @@ def shakespeare() -> str:
         cached.parent.mkdir(parents=True, exist_ok=True)
         cached.write_text(text)
     return cached.read_text()
+@pytest.fixture(scope="module")
+def char_data_dir(tmp_path_factory) -> str:
+    """tiny-shakespeare prepared as characters, once per test module (a local data_dir)."""
+    from nanojaxgpt import prepare
+
+    out = tmp_path_factory.mktemp("data") / "shakespeare_char"
+    prepare.prepare_char(shakespeare(), str(out))
+    return str(out)
+
+
 _bucket_ids = itertools.count()
 
 

@@ -7,7 +7,6 @@ import re
 
 import pytest
 
-from nanojaxgpt import prepare
 from tests import train_runs
 
 LINE = re.compile(r"compilation cache (\S+): (\d+) compiles loaded from it, ([\d.]+) s of compiling saved")
@@ -17,12 +16,8 @@ EXPLAIN = {"JAX_COMPILATION_CACHE_DIR": None, "JAX_EXPLAIN_CACHE_MISSES": "true"
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from tests.conftest import shakespeare
-
-    out = tmp_path_factory.mktemp("data") / "shakespeare_char"
-    prepare.prepare_char(shakespeare()[:200_000], str(out))
-    return str(out)
+def data_dir(char_data_dir):
+    return char_data_dir
 
 
 def _served(proc) -> tuple[str, int, float]:

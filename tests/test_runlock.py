@@ -111,22 +111,14 @@ MAX = "--max_iters=20"  # checkpoints at 5, 10, 15, 20 (tests/train_runs.py's TI
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from nanojaxgpt import prepare
-    from tests.conftest import shakespeare
-
-    out = tmp_path_factory.mktemp("data") / "shakespeare_char"
-    prepare.prepare_char(shakespeare(), str(out))
-    return str(out)
+def data_dir(char_data_dir):
+    return char_data_dir
 
 
 @pytest.fixture(scope="module")
 def train_env(tmp_path_factory):
     """One device, and one compilation cache for the runs below: each program compiles once."""
-    return train_runs.env_for(1, {
-        "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax-cache")),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
+    return train_runs.cached_env(1, str(tmp_path_factory.mktemp("jax-cache")))
 
 
 def _start(data_dir: str, out, env: dict, log) -> subprocess.Popen:

@@ -9,7 +9,6 @@ import shutil
 import numpy as np
 import pytest
 
-from nanojaxgpt import prepare
 from tests import train_runs
 from tests.train_runs import curve, run
 
@@ -17,12 +16,8 @@ MAX = "--max_iters=20"
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from tests.conftest import shakespeare
-
-    out = tmp_path_factory.mktemp("data") / "shakespeare_char"
-    prepare.prepare_char(shakespeare(), str(out))
-    return str(out)
+def data_dir(char_data_dir):
+    return char_data_dir
 
 
 @pytest.fixture(scope="module")

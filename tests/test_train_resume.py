@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from nanojaxgpt import completion, config, optim, prepare
+from nanojaxgpt import completion, config, optim
 from tests import train_runs
 from tests.test_checkpoint_integrity import flip_largest_local
 from tests.test_train_errors import _one_error_line, _steps
@@ -20,21 +20,14 @@ MAX = "--max_iters=10"
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from tests.conftest import shakespeare
-
-    out = tmp_path_factory.mktemp("data") / "shakespeare_char"
-    prepare.prepare_char(shakespeare(), str(out))
-    return str(out)
+def data_dir(char_data_dir):
+    return char_data_dir
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """One device, and one compilation cache for the runs below: a rerun does not compile again."""
-    return train_runs.env_for(1, {
-        "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax-cache")),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
+    return train_runs.cached_env(1, str(tmp_path_factory.mktemp("jax-cache")))
 
 
 def _run(data_dir, env, out, *overrides) -> subprocess.CompletedProcess:

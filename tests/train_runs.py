@@ -34,6 +34,14 @@ def env_for(devices: int, extra: dict[str, str | None] | None = None) -> dict[st
     return env
 
 
+def cached_env(devices: int, cache_dir: str) -> dict[str, str]:
+    """env_for(devices) with a compilation cache of its own that keeps every compile, however
+    short: the runs sharing it compile each program once."""
+    return env_for(devices, {"JAX_COMPILATION_CACHE_DIR": cache_dir,
+                             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
+
+
 def command(data_dir: str, out_dir: str, *overrides: str) -> list[str]:
     return [sys.executable, "-m", "nanojaxgpt.train", str(REPO / "configs/shakespeare_char.toml"),
             *TINY, f"--data_dir={data_dir}", f"--out_dir={out_dir}", *overrides]
