@@ -16,6 +16,7 @@ and 200 eval batches in 0.82 s, as fast as jax's (0.89 s without moving the head
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import equinox as eqx
 import jax
@@ -26,6 +27,10 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from nanojaxgpt import sharding
 from nanojaxgpt.config import ModelConfig
 from nanojaxgpt.layers import Linear, dropout, residual_std
+
+
+# An attention core: (q [T, H, D], k [T, H, D], v [T, H, D]) -> y [T, H, D].
+Core = Callable[[Array, Array, Array], Array]
 
 
 class Rope(eqx.Module):
@@ -140,9 +145,12 @@ class CausalSelfAttention(eqx.Module):
         return sharding.per_shard(kernel, ("seq", "heads", None))(q_THD, k_THD, v_THD)
 
     def __call__(self, x_TE: Array, rope: Rope | None, *, key: PRNGKeyArray | None = None,
-                 inference: bool = False) -> Array:
+                 inference: bool = False, core: Core | None = None) -> Array:
+        """c_proj(attention(c_attn(x))); `core`, if given, replaces the causal attention of the
+        window: the KV cache's passes (kvcache.py) keep or read the keys and values there."""
         k_attn, k_resid = jax.random.split(key) if key is not None else (None, None)
         q, k, v = self.qkv(x_TE, rope)
-        y_THD = sharding.constrain(self.attend(q, k, v, key=k_attn, inference=inference),
-                                   ("seq", "heads", None))
+        y_THD = (core(q, k, v) if core is not None
+                 else self.attend(q, k, v, key=k_attn, inference=inference))
+        y_THD = sharding.constrain(y_THD, ("seq", "heads", None))
         return dropout(self.c_proj(y_THD), self.dropout_rate, k_resid, inference)

@@ -20,6 +20,7 @@ The layout was chosen by measuring GPT-2 small on XLA:CPU (ms per decode step at
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import equinox as eqx
@@ -62,17 +63,19 @@ def _attend_cache(q_ND: Array, k_NSD: Array, v_NSD: Array, pos: Array) -> Array:
     return jnp.einsum("ns,nsd->nd", jax.nn.softmax(s_NS, axis=-1).astype(v_NSD.dtype), v_NSD)
 
 
-def _prefill_one(dec: Decoder, idx_T: Array) -> tuple[Array, list[Array], list[Array]]:
+def _keep_kv(block: Block, kept: list, q_THD: Array, k_THD: Array, v_THD: Array) -> Array:
+    """The prefill's attention core: the block's own attention of the window, keeping k and v."""
+    kept.append((k_THD.swapaxes(0, 1), v_THD.swapaxes(0, 1)))  # [H, T, D]
+    return block.attn.attend(q_THD, k_THD, v_THD, key=None, inference=True)
+
+
+def _prefill_one(dec: Decoder, idx_T: Array) -> tuple[Array, list[tuple[Array, Array]]]:
     positions = jnp.arange(idx_T.shape[0])
     rope = dec.gpt.rope(positions)
-    x_TE, ks, vs = dec.gpt.embed(idx_T, positions), [], []
+    x_TE, kept = dec.gpt.embed(idx_T, positions), []
     for block in dec.blocks:
-        q, k, v = block.attn.qkv(block.ln_1(x_TE), rope)
-        x_TE = x_TE + block.attn.c_proj(block.attn.attend(q, k, v, key=None, inference=True))
-        x_TE = x_TE + block.mlp(block.ln_2(x_TE), inference=True)
-        ks.append(k.swapaxes(0, 1))  # [H, T, D]
-        vs.append(v.swapaxes(0, 1))
-    return x_TE, ks, vs
+        x_TE = block(x_TE, rope, inference=True, core=functools.partial(_keep_kv, block, kept))
+    return x_TE, kept
 
 
 def prefill(dec: Decoder, idx: Int[Array, "B T"], last: Int[Array, ""]) -> Step:
@@ -81,31 +84,35 @@ def prefill(dec: Decoder, idx: Int[Array, "B T"], last: Int[Array, ""]) -> Step:
     b, t = idx.shape
     if t > cfg.block_size:
         raise ValueError(f"window of {t} tokens is longer than block_size={cfg.block_size}")
-    x_BTE, ks, vs = jax.vmap(_prefill_one, in_axes=(None, 0))(dec, idx)
+    x_BTE, kept = jax.vmap(_prefill_one, in_axes=(None, 0))(dec, idx)
     logits = jax.vmap(dec.gpt.head)(x_BTE[:, last][:, None])[:, 0]
 
     def rows(kv_BHTD: Array) -> Array:  # [B, H, T, D] -> [B*H, block_size, D]
         return jnp.pad(kv_BHTD.reshape(b * cfg.n_head, t, cfg.head_dim),
                        [(0, 0), (0, cfg.block_size - t), (0, 0)])
 
-    return Step(logits, KVCache(tuple(map(rows, ks)), tuple(map(rows, vs))))
+    return Step(logits, KVCache(tuple(rows(k) for k, _ in kept), tuple(rows(v) for _, v in kept)))
+
+
+def _write_and_attend(k_NSD: Array, v_NSD: Array, pos: Array, kept: list,
+                      q_BHD: Array, k_BHD: Array, v_BHD: Array) -> Array:
+    """The decode step's attention core: the new key/value written at pos, then read back."""
+    n, d = k_NSD.shape[0], k_NSD.shape[2]
+    k_NSD = jax.lax.dynamic_update_slice(k_NSD, k_BHD.reshape(n, 1, d), (0, pos, 0))
+    v_NSD = jax.lax.dynamic_update_slice(v_NSD, v_BHD.reshape(n, 1, d), (0, pos, 0))
+    kept.append((k_NSD, v_NSD))
+    return _attend_cache(q_BHD.reshape(n, d), k_NSD, v_NSD, pos).reshape(q_BHD.shape)
 
 
 def decode(dec: Decoder, tokens: Int[Array, "B"], pos: Int[Array, ""], cache: KVCache) -> Step:
-    """Feed each sequence's token at position pos (< block_size); logits for the token after it."""
-    cfg = dec.gpt.config
-    n = tokens.shape[0] * cfg.n_head
-    positions = pos[None]
-    rope = dec.gpt.rope(positions)
-    x_B1E = jax.vmap(lambda t: dec.gpt.embed(t[None], positions))(tokens)
-    ks, vs = [], []
+    """Feed each sequence's token at position pos (< block_size); logits for the token after it.
+
+    The blocks run on the B new tokens as a window of B positions: everything but attention acts
+    on each token alone, and the attention core reads each sequence's own cache rows.
+    """
+    rope = dec.gpt.rope(pos[None])  # one position's angles broadcast over the B tokens
+    x_BE, kept = dec.gpt.embed(tokens, jnp.broadcast_to(pos, tokens.shape)), []
     for block, k_NSD, v_NSD in zip(dec.blocks, cache.k, cache.v):
-        q, k, v = jax.vmap(lambda x: block.attn.qkv(block.ln_1(x), rope))(x_B1E)  # [B, 1, H, D]
-        k_NSD = jax.lax.dynamic_update_slice(k_NSD, k.reshape(n, 1, cfg.head_dim), (0, pos, 0))
-        v_NSD = jax.lax.dynamic_update_slice(v_NSD, v.reshape(n, 1, cfg.head_dim), (0, pos, 0))
-        y_ND = _attend_cache(q.reshape(n, cfg.head_dim), k_NSD, v_NSD, pos)
-        x_B1E = x_B1E + jax.vmap(block.attn.c_proj)(y_ND.reshape(-1, 1, cfg.n_head, cfg.head_dim))
-        x_B1E = x_B1E + jax.vmap(lambda x: block.mlp(block.ln_2(x), inference=True))(x_B1E)
-        ks.append(k_NSD)
-        vs.append(v_NSD)
-    return Step(jax.vmap(dec.gpt.head)(x_B1E)[:, 0], KVCache(tuple(ks), tuple(vs)))
+        core = functools.partial(_write_and_attend, k_NSD, v_NSD, pos, kept)
+        x_BE = block(x_BE, rope, inference=True, core=core)
+    return Step(dec.gpt.head(x_BE), KVCache(tuple(k for k, _ in kept), tuple(v for _, v in kept)))

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
-from nanojaxgpt.attention import CausalSelfAttention, Rope, rope_at
+from nanojaxgpt.attention import CausalSelfAttention, Core, Rope, rope_at
 from nanojaxgpt.sharding import constrain
 from nanojaxgpt.config import ModelConfig
 from nanojaxgpt.layers import Embedding, LayerNorm, Linear, RMSNorm, dropout, norm, residual_std
@@ -89,11 +89,12 @@ class Block(eqx.Module):
         self.mlp = MLP(cfg, key=k2)
 
     def __call__(self, x_TE: Array, rope: Rope | None, *, key: PRNGKeyArray | None = None,
-                 inference: bool = False) -> Array:
+                 inference: bool = False, core: Core | None = None) -> Array:
+        """The block on T tokens; `core` replaces the attention's causal core (see attention.py)."""
         k1, k2 = jax.random.split(key) if key is not None else (None, None)
         # The residual stream keeps the whole width on every chip (weights are gathered for use).
-        x_TE = constrain(x_TE + self.attn(self.ln_1(x_TE), rope, key=k1, inference=inference),
-                         ("seq", "act_embed"))
+        x_TE = constrain(x_TE + self.attn(self.ln_1(x_TE), rope, key=k1, inference=inference,
+                                          core=core), ("seq", "act_embed"))
         return constrain(x_TE + self.mlp(self.ln_2(x_TE), key=k2, inference=inference),
                          ("seq", "act_embed"))
 
@@ -249,8 +250,11 @@ def flops_per_token(cfg: ModelConfig) -> float:
 
 
 def with_runtime(model: GPT, **changes: Any) -> GPT:
-    """The same weights under a config with other run-time fields (scan_layers, remat, attention,
-    compute_dtype, dropout); a change that would alter any parameter's shape is an error."""
+    """The same weights under a config with other ModelConfig.RUNTIME_FIELDS; a change of any
+    other field, or one that alters a parameter's shape (vocab_multiple can), is an error."""
+    if bad := sorted(set(changes) - set(ModelConfig.RUNTIME_FIELDS)):
+        raise ValueError(f"{', '.join(bad)} of a model's config cannot change; "
+                         f"only {', '.join(ModelConfig.RUNTIME_FIELDS)} can")
     cfg = dataclasses.replace(model.config, **changes)
     target = abstract_model(cfg)
     old, new = jax.tree.leaves(model), jax.tree.leaves(target)
