@@ -17,7 +17,7 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 
 class ConfigError(ValueError):
@@ -41,6 +41,15 @@ class ModelConfig:
     remat: Literal["none", "full", "dots"] = "none"  # activation checkpointing of each block
     scan_layers: bool = True  # lax.scan over stacked blocks: compile time flat in depth
     compute_dtype: Literal["float32", "bfloat16"] = "float32"  # parameters are always float32
+
+    # The fields a model's weights do not fix: how it runs, and how far its vocabulary is padded.
+    # A pretrained or restored model takes these from the run's config, the rest from its own.
+    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("dropout", "attention", "remat", "scan_layers",
+                                                 "compute_dtype", "vocab_multiple")
+
+    def runtime(self) -> dict[str, Any]:
+        """This config's RUNTIME_FIELDS and their values."""
+        return {k: getattr(self, k) for k in self.RUNTIME_FIELDS}
 
     @property
     def padded_vocab_size(self) -> int:

@@ -28,7 +28,6 @@ GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 _HUB_REPO = "openai-community/{}"
 _BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers some GPT-2 files carry
 # ModelConfig fields that change how a model runs, not which weights it has.
-RUNTIME_FIELDS = ("dropout", "attention", "remat", "scan_layers", "compute_dtype", "vocab_multiple")
 
 
 class LoadError(ValueError):
@@ -89,10 +88,10 @@ def model_config(hf: dict, source: str, **overrides) -> ModelConfig:
             raise LoadError(f"{source}: config.json {key}={value!r} is not GPT-2's ({allowed[0]!r})")
     if not math.isclose(hf.get("layer_norm_epsilon", 1e-5), 1e-5):
         raise LoadError(f"{source}: config.json layer_norm_epsilon={hf['layer_norm_epsilon']} is not 1e-5")
-    bad = sorted(set(overrides) - set(RUNTIME_FIELDS))
+    bad = sorted(set(overrides) - set(ModelConfig.RUNTIME_FIELDS))
     if bad:
         raise LoadError(f"cannot override {', '.join(bad)} of a pretrained model; "
-                        f"allowed: {', '.join(RUNTIME_FIELDS)}")
+                        f"allowed: {', '.join(ModelConfig.RUNTIME_FIELDS)}")
     return ModelConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
                        n_head=hf["n_head"], n_embd=hf["n_embd"], **overrides)
 
@@ -160,7 +159,7 @@ def from_tensors(cfg: ModelConfig, tensors: dict[str, np.ndarray], source: str) 
 def load(source: str, **overrides) -> GPT:
     """GPT-2 from a GPT-2 name (hub download) or a local Hugging Face directory.
 
-    `overrides` set run-time ModelConfig fields (RUNTIME_FIELDS, e.g. compute_dtype="bfloat16",
+    `overrides` set run-time fields (ModelConfig.RUNTIME_FIELDS, e.g. compute_dtype="bfloat16",
     dropout=0.1); the architecture always comes from config.json. Dropout defaults to 0.
     """
     from safetensors.numpy import load_file

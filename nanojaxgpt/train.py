@@ -48,9 +48,7 @@ def _vocab_from_data(cfg: config.Config, meta: data.Meta) -> config.Config:
 
 def _with_architecture(cfg: config.Config, arch: config.ModelConfig) -> config.Config:
     """cfg with the model architecture of a pretrained checkpoint (run-time settings kept)."""
-    from nanojaxgpt import hf
-
-    model = dataclasses.replace(arch, **{k: getattr(cfg.model, k) for k in hf.RUNTIME_FIELDS})
+    model = dataclasses.replace(arch, **cfg.model.runtime())
     if model != cfg.model:
         log.info("model architecture from %s: n_layer=%d n_head=%d n_embd=%d block_size=%d "
                  "vocab_size=%d", cfg.train.init_from, model.n_layer, model.n_head, model.n_embd,
@@ -133,8 +131,7 @@ def _run(cfg: config.Config, topo: distributed.Topology, mesh: Mesh, meta: data.
     else:  # as nanoGPT: the architecture is the pretrained model's, not the config file's
         from nanojaxgpt import hf
 
-        pretrained = hf.load(cfg.train.init_from,
-                             **{k: getattr(cfg.model, k) for k in hf.RUNTIME_FIELDS})
+        pretrained = hf.load(cfg.train.init_from, **cfg.model.runtime())
         cfg = _with_architecture(cfg, pretrained.config)
     t, m = cfg.train, cfg.model
     if meta.vocab_size > m.vocab_size:

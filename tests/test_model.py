@@ -143,6 +143,15 @@ def test_bfloat16_compute_returns_float32_logits():
     np.testing.assert_allclose(out[:, :70], ref[:, :70], atol=5e-3)  # measured error ~1.1e-3
 
 
+def test_with_runtime_changes_only_runtime_fields():
+    model = GPT(TINY, key=jax.random.key(0))
+    assert with_runtime(model, vocab_multiple=128).config.vocab_multiple == 128  # 70 pads to 128 still
+    with pytest.raises(ValueError, match="n_layer of a model's config cannot change"):
+        with_runtime(model, n_layer=3)
+    with pytest.raises(ValueError, match="changes the model's parameters"):
+        with_runtime(model, vocab_multiple=256)
+
+
 def test_dropout_needs_a_key_and_is_off_in_inference():
     model = GPT(dataclasses.replace(TINY, dropout=0.2), key=jax.random.key(0))
     idx = _tokens(TINY, 1)[0, :-1]
