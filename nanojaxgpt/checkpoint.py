@@ -1,8 +1,9 @@
 """Async Orbax checkpoints of a run, local or on gs://, restorable onto any mesh.
 
 A run directory `out_dir` keeps its checkpoints in `out_dir/checkpoints/<step>/`, three items each:
-`state` (the train state pytree: model, optimizer state, step, RNG key), `meta` (JSON: the step,
-the data position and whatever the caller adds) and `config` (the resolved config, JSON).
+`state` (the train state pytree: model, optimizer state, step, RNG key), `meta` (JSON: the
+integrity record and whatever the caller adds) and `config` (the resolved config, JSON). The step
+is the directory's name: the number of train steps done, so also the next batch to read.
 
 Checkpoints live in their own subdirectory because Orbax's clean-up of half-written saves treats
 every directory without a commit marker as one on gs://, and would delete a TensorBoard folder.
@@ -62,8 +63,8 @@ class ArchitectureError(CheckpointError):
 class Restored:
     step: int
     state: PyTree
-    meta: dict[str, Any]
-    config_json: str
+    meta: dict[str, Any]  # what the save was given as meta
+    config: dict[str, Any]  # the run's resolved config at that save (Config.to_dict())
 
 
 @dataclass
@@ -180,9 +181,11 @@ class Checkpointer:
                  if self._pending is None or s != self._pending.step]
         return max(steps) if steps else None
 
-    def save(self, step: int, state: PyTree, *, meta: dict[str, Any], config_json: str) -> None:
-        """Start an async save of `step` (the caller decides when: should_save, the end, a stop);
-        returns once the arrays are copied off the devices.
+    def save(self, step: int, state: PyTree, config: Config, *,
+             meta: dict[str, Any] | None = None) -> None:
+        """Start an async save of `step` (the caller decides when: should_save, the end, a stop),
+        with the run's resolved config beside it; returns once the arrays are copied off the
+        devices. `meta`: anything else JSON-serialisable to keep with it.
 
         The metadata records a digest of every array (nanojaxgpt/integrity.py), for restore to
         check. Raises the error of a previous save that failed or ran past save_timeout_s.
@@ -195,12 +198,7 @@ class Checkpointer:
             log.warning("replacing the unusable checkpoint %s", self.directory / str(step))
             self._mngr.delete(step)
             self._unreadable.discard(step)
-        try:
-            config = json.loads(config_json)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"config_json for step {step} is not JSON ({e}); pass "
-                             "Config.to_json()") from None
-        meta = {**meta, "step": step}
+        config, meta = config.to_dict(), dict(meta or {})
         try:
             json.dumps(meta)
         except TypeError as e:
@@ -343,8 +341,7 @@ class Checkpointer:
                         "restored without an integrity check", self.directory / str(step))
         else:
             _raise_if(integrity.check_arrays(rec, integrity.compute(state)))
-        return Restored(step=step, state=state, meta=meta,
-                        config_json=json.dumps(config, indent=2, sort_keys=True))
+        return Restored(step=step, state=state, meta=meta, config=config)
 
 
 class _Damaged(Exception):

@@ -7,7 +7,6 @@ checkpoint). Every host runs this same program; process 0 alone writes logs.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import sys
 import traceback
@@ -154,9 +153,9 @@ def _run(cfg: config.Config, topo: distributed.Topology, mesh: Mesh, meta: data.
     start = 0
     if resuming:
         restored = ckpt.restore(run.abstract, expect=cfg)  # another architecture: one-line error
-        state, start = restored.state, int(restored.meta["data_step"])
+        state, start = restored.state, restored.step
         log.info("resumed from step %d (%s)", start, t.out_dir)
-        for change in resume.changes(json.loads(restored.config_json), cfg):
+        for change in resume.changes(restored.config, cfg):
             log.info("changed since the checkpoint: %s", change)
     elif pretrained is not None:
         state = run.from_params(eqx.filter(pretrained, eqx.is_array), cfg)
@@ -236,7 +235,7 @@ def _run(cfg: config.Config, topo: distributed.Topology, mesh: Mesh, meta: data.
                     report(*logged)
                     logged = None
                 lock.refresh()  # stops here, on every host, if another run took out_dir over
-                ckpt.save(done, state, meta={"data_step": done}, config_json=cfg.to_json())
+                ckpt.save(done, state, cfg)
                 tb.flush(wait=True)  # logs are durable up to every checkpoint: a resume leaves no gap
             if stop:
                 ckpt.wait()

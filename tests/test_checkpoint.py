@@ -3,6 +3,7 @@ corrupt files, async errors, a stalled bucket, gs:// on the loopback GCS server.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -91,7 +92,7 @@ def assert_bitwise_equal(a, b):
 
 
 def save(ck, step, state, **meta):
-    ck.save(step, state, meta={"data_step": step, **meta}, config_json=CFG.to_json())
+    ck.save(step, state, CFG, meta=meta)
 
 
 def test_round_trip_is_bitwise(tmp_path):
@@ -104,8 +105,8 @@ def test_round_trip_is_bitwise(tmp_path):
         assert ck.latest_step() == 10
         r = ck.restore(abstract_of(state))
     assert r.step == 10
-    assert r.meta == {"data_step": 10, "note": "hello", "step": 10}
-    assert r.config_json == CFG.to_json()
+    assert r.meta == {"note": "hello"}
+    assert r.config == json.loads(CFG.to_json())
     assert_bitwise_equal(r.state, state)
     assert isinstance(r.state["model"], TinyNet) and r.state["model"].n_layer == 2
     assert jax.tree.structure(r.state["opt_state"]) == jax.tree.structure(state["opt_state"])
@@ -140,17 +141,16 @@ def test_keep_n_should_save_latest_step(tmp_path):
         assert [s for s in range(6) if ck.should_save(s)] == [2, 4]
         for step in range(1, 8):
             if ck.should_save(step) or step == 7:  # 7: the end of the run
-                ck.save(step, {"w": jnp.full((4,), step)}, meta={"data_step": step},
-                        config_json=CFG.to_json())
-        ck.save(7, {"w": jnp.zeros(4)}, meta={}, config_json=CFG.to_json())  # no-op: step 7 exists
+                ck.save(step, {"w": jnp.full((4,), step)}, CFG)
+        ck.save(7, {"w": jnp.zeros(4)}, CFG)  # no-op: step 7 exists
         ck.wait()
         assert ck.latest_step() == 7
         with pytest.raises(ValueError, match="JSON-serialisable"):
-            ck.save(8, {"w": jnp.zeros(4)}, meta={"bad": object()}, config_json=CFG.to_json())
+            ck.save(8, {"w": jnp.zeros(4)}, CFG, meta={"bad": object()})
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["6", "7"]
     with checkpoint.Checkpointer(str(tmp_path), cfg) as ck:
         r = ck.restore({"w": jax.ShapeDtypeStruct((4,), jnp.int32, sharding=ONE)}, 6)
-        assert r.meta["data_step"] == 6 and r.state["w"].tolist() == [6] * 4
+        assert r.step == 6 and r.state["w"].tolist() == [6] * 4
         with pytest.raises(checkpoint.CheckpointError, match=r"no complete checkpoint of step 4"):
             ck.restore({"w": jax.ShapeDtypeStruct((4,), jnp.int32, sharding=ONE)}, 4)
         with pytest.raises(TypeError, match=r"\['w'\].*ShapeDtypeStruct with .sharding"):
@@ -170,11 +170,11 @@ from nanojaxgpt.config import CheckpointConfig, Config
 out_dir, n = sys.argv[1], int(sys.argv[2])
 ck = checkpoint.Checkpointer(out_dir, CheckpointConfig())
 w = jax.random.normal(jax.random.key(0), (n,))
-ck.save(1, {"w": w + 1}, meta={"data_step": 1}, config_json=Config().to_json())
+ck.save(1, {"w": w + 1}, Config())
 ck.wait()
 root = epath.Path(out_dir) / "checkpoints"
 for step in range(2, 20):
-    ck.save(step, {"w": w + step}, meta={"data_step": step}, config_json=Config().to_json())
+    ck.save(step, {"w": w + step}, Config())
     while not ocp.path.step.is_path_finalized(root / str(step)):
         if any(p.name.startswith(str(step)) and (p / "state").exists() for p in root.iterdir()):
             print("MID-SAVE", step, flush=True)
@@ -217,7 +217,7 @@ def test_save_killed_midway_is_ignored(where, tmp_path, request, capsys):
     with checkpoint.Checkpointer(out, CheckpointConfig()) as ck:
         assert ck.latest_step() == killed - 1
         r = ck.restore({"w": jax.ShapeDtypeStruct((n,), jnp.float32, sharding=ONE)})
-        assert r.step == killed - 1 and r.meta["data_step"] == killed - 1
+        assert r.step == killed - 1
         np.testing.assert_array_equal(np.asarray(r.state["w"]), expected)
         save(ck, killed, {"w": jnp.zeros(n)})  # the resumed run writes that step again
     assert [p.name for p in root.iterdir() if p.name.startswith(str(killed))] == [str(killed)]
@@ -337,7 +337,7 @@ def test_gcs_round_trip_and_load_model(gcs):
     assert epath.Path(run, "checkpoints", "5", "commit_success.txt").exists()
     with checkpoint.Checkpointer(run, CheckpointConfig()) as ck:
         r = ck.restore(abstract_of(state))
-    assert r.step == 5 and r.meta["data_step"] == 5 and r.config_json == CFG.to_json()
+    assert r.step == 5 and r.config == json.loads(CFG.to_json())
     assert_bitwise_equal(r.state, state)
     assert checkpoint.read_config(run) == CFG
     model = checkpoint.load_model(run, build=build_tiny)

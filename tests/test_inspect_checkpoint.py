@@ -75,8 +75,7 @@ def test_gcs_run(gcs, capsys):
     cfg = Config(model=CFG.model, mesh=MeshConfig(data=2, fsdp=4, tensor=1))
     with checkpoint.Checkpointer(run, CheckpointConfig()) as ck:
         for step in (100, 200):
-            ck.save(step, {"w": jnp.zeros((1000,))}, meta={"data_step": step},
-                    config_json=cfg.to_json())
+            ck.save(step, {"w": jnp.zeros((1000,))}, cfg)
     assert inspect_checkpoint.main([run]) == 0
     table = rows(capsys.readouterr().out)
     assert [r[:2] for r in table] == [["100", "complete"], ["200", "complete"]]
@@ -97,7 +96,7 @@ def test_damaged_checkpoints_show_as_damaged_with_the_reason(tmp_path, capsys):
     root = tmp_path / "checkpoints"
     shutil.rmtree(root / "2" / "state")  # the state is gone, the commit markers are not
     meta = root / "3" / "meta" / "metadata"
-    meta.write_text(meta.read_text().replace('"data_step": 3', '"data_step": 30'))
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "note": "added"}))
     (root / "4" / "config" / "metadata").write_bytes(b"\x89\xff not json")
     flip_largest_local(root / "5")  # array bytes: seen only when the arrays are read
 
