@@ -1,4 +1,4 @@
-"""Tuning for XLA:CPU only: compiler options, glibc malloc, and evaluation grouping.
+"""Tuning for XLA:CPU only: compiler options, and how many evaluation batches run per pass.
 
 The project runs on TPUs and GPUs; the CPU quick start runs here too and should be fast. Every
 CPU-only trick lives in this module, applied by the code that builds or starts the steps, and only
@@ -8,15 +8,9 @@ function here returns the accelerator's default (no options, no grouping).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import logging
-import platform
 from typing import Any
 
 from jax.sharding import Mesh
-
-log = logging.getLogger(__name__)
 
 
 def on_cpu(mesh: Mesh) -> bool:
@@ -45,8 +39,8 @@ def init_options(mesh: Mesh) -> dict[str, Any] | None:
     return INIT_OPTIONS if on_cpu(mesh) else None
 
 
-def eval_group(mesh: Mesh, n_batches: int, batch_rows: int, block_size: int,
-               max_tokens: int = 4096) -> int:
+def batches_per_eval_pass(mesh: Mesh, n_batches: int, batch_rows: int, block_size: int,
+                          max_tokens: int = 4096) -> int:
     """How many eval batches to run as one forward pass: the most within `max_tokens` per device.
 
     Many small batches (the CPU recipe: 12 x 64 tokens, 200 of them) waste the machine on
@@ -59,38 +53,3 @@ def eval_group(mesh: Mesh, n_batches: int, batch_rows: int, block_size: int,
         return 1
     fits = max(1, max_tokens // (batch_rows * block_size))
     return max(g for g in range(1, n_batches + 1) if n_batches % g == 0 and g <= fits)
-
-
-# Keep freed host memory in the process (glibc malloc), so CPU train steps do not page-fault.
-# XLA:CPU mallocs each step's temporaries (tens of MB for the CPU quick start) and frees them when
-# the step ends. glibc's defaults hand such memory back to the kernel (trimming the top of a heap,
-# or unmapping a thread's whole heap once it is empty), and the next step faults every page in
-# again. Measured on 2 cores, quick-start train step, 3 processes each, alternated: with glibc's
-# defaults 0 to 2,700 page faults and 20.9 to 22.8 ms per step, depending on how the heaps happen
-# to lie; with these settings 0 to 70 faults and 20.4 to 21.7 ms.
-_M_TRIM_THRESHOLD = -1  # mallopt(3) parameters, from glibc's <malloc.h>
-_M_TOP_PAD = -2
-_M_MMAP_THRESHOLD = -3
-
-MALLOC_SETTINGS = {
-    _M_TRIM_THRESHOLD: 2**31 - 1,  # never trim the top of a heap (the largest int mallopt takes)
-    _M_TOP_PAD: 64 << 20,  # keep 64 MiB free atop every heap: an empty thread heap is not unmapped
-    _M_MMAP_THRESHOLD: 32 << 20,  # blocks up to 32 MiB (glibc's maximum) come from the heaps
-}
-
-
-def keep_freed_memory() -> bool:
-    """Apply MALLOC_SETTINGS; False where the C library is not glibc (macOS, musl): nothing to do."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    ok = all(libc.mallopt(param, value) == 1 for param, value in MALLOC_SETTINGS.items())
-    if not ok:
-        log.warning("glibc mallopt refused %s; CPU steps may be slower", MALLOC_SETTINGS)
-    return ok
-
-
-def tune_process(mesh: Mesh) -> None:
-    """Process-wide CPU tuning, once at start-up: the steps' temporaries live in host memory."""
-    if on_cpu(mesh):
-        keep_freed_memory()

@@ -116,17 +116,18 @@ def train_step(state: State, tokens: Int[Array, "A B T1"], *, static: PyTree,
 
 
 def eval_loss(params: PyTree, tokens: Int[Array, "N B T1"], *, static: PyTree,
-              group: int = 1) -> Float[Array, ""]:
-    """Mean loss over N batches in one scan, `group` batches per trip (one dispatch in all)."""
+              per_pass: int = 1) -> Float[Array, ""]:
+    """Mean loss over N batches in one scan, `per_pass` batches per trip (one dispatch in all)."""
     n, b, t1 = tokens.shape
-    # [N, B] -> [N/g, B*g] keeping each device's rows of B together: no data moves between devices.
-    grouped = tokens.reshape(n // group, group, b, t1).swapaxes(1, 2).reshape(n // group, b * group, t1)
+    # [N, B] -> [N/p, B*p] keeping each device's rows of B together: no data moves between devices.
+    g = per_pass
+    passes = tokens.reshape(n // g, g, b, t1).swapaxes(1, 2).reshape(n // g, b * g, t1)
 
     def body(total, batch):
         return total + loss_fn(params, static, batch, None), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), grouped)
-    return total / grouped.shape[0]
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), passes)
+    return total / passes.shape[0]
 
 
 @dataclass(frozen=True)
@@ -139,10 +140,10 @@ class Steps:
 def jit_steps(static: PyTree, tx: optax.GradientTransformation, optim_cfg: OptimConfig,
               state_shardings: PyTree, batch_sharding: NamedSharding,
               eval_sharding: NamedSharding, replicated: NamedSharding,
-              eval_group_size: int | None = None) -> Steps:
+              batches_per_eval_pass: int | None = None) -> Steps:
     """The steps, traced with their activations laid out on the batch's mesh.
 
-    eval_group_size: batches per evaluation pass; None: what nanojaxgpt.cpu.eval_group picks for
+    batches_per_eval_pass: None: what nanojaxgpt.cpu.batches_per_eval_pass picks for
     the mesh and the evaluation tokens' shape (1 off CPU).
     """
     mesh = batch_sharding.mesh
@@ -155,9 +156,9 @@ def jit_steps(static: PyTree, tx: optax.GradientTransformation, optim_cfg: Optim
     def eval_fn(p, t):
         with sharding.activations(mesh):
             n, b, t1 = t.shape
-            group = eval_group_size or cpu.eval_group(mesh, n, b // sharding.split("batch", b),
-                                                      t1 - 1)
-            return eval_loss(p, t, static=static, group=group)
+            per_pass = batches_per_eval_pass or cpu.batches_per_eval_pass(
+                mesh, n, b // sharding.split("batch", b), t1 - 1)
+            return eval_loss(p, t, static=static, per_pass=per_pass)
 
     train = jax.jit(train_fn, in_shardings=(state_shardings, batch_sharding),
                     out_shardings=(state_shardings, replicated),

@@ -20,7 +20,7 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding
 from jaxtyping import PyTree
 
-from nanojaxgpt import checkpoint, completion, config, cpu, data, distributed, hellaswag, metrics, sharding, storage
+from nanojaxgpt import checkpoint, completion, config, data, distributed, hellaswag, metrics, sharding, storage
 from nanojaxgpt import model as gpt
 from nanojaxgpt import compile_cache, failfast, program, resume, runlock
 from nanojaxgpt.cli import hard_exit, one_line, run_command
@@ -105,7 +105,6 @@ def main(argv: list[str] | None = None) -> int:
     distributed.setup_logging(topo)
     failfast.watch()  # another host's error stops this one within seconds
     mesh = sharding.make_mesh(cfg.mesh)
-    cpu.tune_process(mesh)
     program.check(cfg, mesh)  # before the run lock: a bad batch size touches nothing
     meta = data.read_meta(cfg.data.data_dir)
     if not storage.bucket_exists(cfg.train.out_dir):  # every host stops here, before any collective

@@ -51,19 +51,19 @@ def test_accumulating_two_micro_batches_equals_one_batch():
 def test_grouped_evaluation_equals_one_batch_at_a_time():
     params, static, _ = _setup()
     tokens = _tokens(20, 4, CFG.block_size + 1)
-    ref = step.eval_loss(params, tokens, static=static, group=1)
-    for group in (2, 5, 20):
-        np.testing.assert_allclose(step.eval_loss(params, tokens, static=static, group=group),
+    ref = step.eval_loss(params, tokens, static=static, per_pass=1)
+    for per_pass in (2, 5, 20):
+        np.testing.assert_allclose(step.eval_loss(params, tokens, static=static, per_pass=per_pass),
                                    ref, rtol=1e-6)
 
 
-def test_eval_group_bounds_tokens_per_pass():
+def test_batches_per_eval_pass_bounds_tokens_per_pass():
     from nanojaxgpt import cpu
 
     mesh = jax.make_mesh((1,), ("data",))
-    assert cpu.eval_group(mesh, 200, 12, 64) == 5  # 5 x 12 x 64 = 3,840 tokens <= 4,096
-    assert cpu.eval_group(mesh, 200, 12, 1024) == 1  # GPT-2 sized batches: one at a time
-    assert cpu.eval_group(mesh, 7, 1, 16) == 7
+    assert cpu.batches_per_eval_pass(mesh, 200, 12, 64) == 5  # 5 x 12 x 64 = 3,840 tokens <= 4,096
+    assert cpu.batches_per_eval_pass(mesh, 200, 12, 1024) == 1  # GPT-2 sized batches: one at a time
+    assert cpu.batches_per_eval_pass(mesh, 7, 1, 16) == 7
 
 
 def _mesh_steps(cfg):
@@ -74,7 +74,7 @@ def _mesh_steps(cfg):
     run = setup(cfg, mesh)
     batch_sh = sharding.batch_sharding(mesh, 3, 1)
     steps = step.jit_steps(run.static, run.tx, cfg.optim, run.shardings, batch_sh, batch_sh,
-                           sharding.replicated(mesh), eval_group_size=2)
+                           sharding.replicated(mesh), batches_per_eval_pass=2)
     return run, steps, batch_sh
 
 
