@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from typing import Any
 
 import jax
 
@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 
 
 class Profiler:
-    """Call `before_step(step, wait)` before dispatching each step; `wait()` blocks until the
-    previous step's results exist, so the trace holds the device work of every traced step."""
+    """Call `before_step(step, state)` before dispatching each step, with the state the previous
+    step returned: the profiler waits for it at the trace's ends, so the trace holds the device
+    work of every traced step and nothing else."""
 
     def __init__(self, out_dir: str, start: int, steps: int, *, first_step: int, enabled: bool):
         self.start, self.stop = start, start + steps
@@ -42,23 +43,23 @@ class Profiler:
                         "(which compiles); choose a later step", start, first_step)
             self.enabled = False
 
-    def before_step(self, step: int, wait: Callable[[], object]) -> None:
+    def before_step(self, step: int, state: Any) -> None:
         if not self.enabled:
             return
         if step == self.start:
-            wait()  # the trace begins with the device idle: no earlier step bleeds into it
+            jax.block_until_ready(state)  # the trace begins with the device idle
             self._local = (os.path.abspath(self.out_dir) if not storage.is_gcs(self.out_dir)
                            else tempfile.mkdtemp(prefix="nanojaxgpt-profile-"))
             jax.profiler.start_trace(self._local)
             log.info("profiling steps %d-%d", self.start, self.stop - 1)
         elif step == self.stop:
-            self.finish(wait)
+            self.finish(state)
 
-    def finish(self, wait: Callable[[], object]) -> None:
+    def finish(self, state: Any) -> None:
         """Stop a trace in progress (at its last step, or when the loop ends before it)."""
         if self._local is None:
             return
-        wait()
+        jax.block_until_ready(state)
         started = time.monotonic()
         jax.profiler.stop_trace()
         local, self._local = self._local, None

@@ -28,7 +28,8 @@ from nanojaxgpt.feed import Feed
 from nanojaxgpt.preemption import Preemption, exit_during_startup
 from nanojaxgpt.profile import Profiler
 from nanojaxgpt.progress import Progress, peak_flops_per_device
-from nanojaxgpt.step import compile_ahead
+from nanojaxgpt.state import TrainSetup
+from nanojaxgpt.step import State, Steps, compile_ahead
 
 log = logging.getLogger("nanojaxgpt.train")
 
@@ -36,23 +37,57 @@ log = logging.getLogger("nanojaxgpt.train")
 LOCAL_FEED_DEPTH, REMOTE_FEED_DEPTH = 4, 8
 
 
-def _vocab_from_data(cfg: config.Config, meta: data.Meta) -> config.Config:
-    """A model trained from scratch takes its vocabulary size from the prepared data."""
-    if cfg.model.vocab_size != meta.vocab_size:
-        log.info("vocab_size %d from %s/meta.json (config said %d)", meta.vocab_size,
-                 cfg.data.data_dir, cfg.model.vocab_size)
-        return config.replace(cfg, {"model.vocab_size": meta.vocab_size})
-    return cfg
+def model_origin(cfg: config.Config, meta: data.Meta, *, resuming: bool
+                 ) -> tuple[config.Config, gpt.GPT | None]:
+    """Where the run's model comes from: its config, and the pretrained model to start from.
 
+    - init_from="scratch": the config's architecture, with the vocabulary of the prepared data;
+    - a fine-tuning run that resumes: the architecture in its own checkpoint;
+    - a fine-tuning run that starts: the pretrained model's architecture, as nanoGPT does (the
+      config file's is ignored), and that model's weights.
+    The config's run-time fields (ModelConfig.RUNTIME_FIELDS) apply in every case.
+    """
+    pretrained = None
+    if cfg.train.init_from == "scratch":
+        if cfg.model.vocab_size != meta.vocab_size:
+            log.info("vocab_size %d from %s/meta.json (config said %d)", meta.vocab_size,
+                     cfg.data.data_dir, cfg.model.vocab_size)
+            cfg = config.replace(cfg, {"model.vocab_size": meta.vocab_size})
+        return cfg, None
+    if resuming:
+        arch = checkpoint.read_config(cfg.train.out_dir).model
+    else:
+        from nanojaxgpt import hf
 
-def _with_architecture(cfg: config.Config, arch: config.ModelConfig) -> config.Config:
-    """cfg with the model architecture of a pretrained checkpoint (run-time settings kept)."""
+        pretrained = hf.load(cfg.train.init_from, **cfg.model.runtime())
+        arch = pretrained.config
     model = dataclasses.replace(arch, **cfg.model.runtime())
     if model != cfg.model:
         log.info("model architecture from %s: n_layer=%d n_head=%d n_embd=%d block_size=%d "
                  "vocab_size=%d", cfg.train.init_from, model.n_layer, model.n_head, model.n_embd,
                  model.block_size, model.vocab_size)
-    return dataclasses.replace(cfg, model=model)
+    if meta.vocab_size > model.vocab_size:
+        raise config.ConfigError(
+            f"{cfg.data.data_dir} has {meta.vocab_size} token ids but the model "
+            f"({cfg.train.init_from}) only {model.vocab_size}: prepare the data with the "
+            "model's tokenizer")
+    return dataclasses.replace(cfg, model=model), pretrained
+
+
+def _first_state(cfg: config.Config, setup: TrainSetup, ckpt: checkpoint.Checkpointer,
+                 pretrained: gpt.GPT | None) -> tuple[State, int]:
+    """The state the loop starts from, and its step: the latest good checkpoint if there is one,
+    else the pretrained weights, else a fresh initialisation."""
+    if ckpt.latest_step() is not None:
+        restored = ckpt.restore(setup.abstract, expect=cfg)  # another architecture: one-line error
+        log.info("resumed from step %d (%s)", restored.step, cfg.train.out_dir)
+        for change in resume.changes(restored.config, cfg):
+            log.info("changed since the checkpoint: %s", change)
+        return restored.state, restored.step
+    if pretrained is not None:
+        log.info("initialised from %s", cfg.train.init_from)
+        return setup.from_params(eqx.filter(pretrained, eqx.is_array), cfg), 0
+    return setup.init(cfg), 0
 
 
 def _eval_tokens(cfg: config.Config, meta: data.Meta, split: str, shape: tuple[int, int, int],
@@ -118,24 +153,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(cfg: config.Config, topo: distributed.Topology, mesh: Mesh, meta: data.Meta,
          lock: runlock.RunLock) -> int:
-    """Everything after the run lock is held: state, restore, the loop."""
+    """Everything after the run lock is held: model, state, evaluation, the loop."""
     ckpt = checkpoint.Checkpointer(cfg.train.out_dir, cfg.checkpoint)
-    resuming = ckpt.latest_step() is not None
-    pretrained = None
-    if cfg.train.init_from == "scratch":
-        cfg = _vocab_from_data(cfg, meta)
-    elif resuming:  # a fine-tuning run: its architecture is in its own checkpoint
-        cfg = _with_architecture(cfg, checkpoint.read_config(cfg.train.out_dir).model)
-    else:  # as nanoGPT: the architecture is the pretrained model's, not the config file's
-        from nanojaxgpt import hf
-
-        pretrained = hf.load(cfg.train.init_from, **cfg.model.runtime())
-        cfg = _with_architecture(cfg, pretrained.config)
+    cfg, pretrained = model_origin(cfg, meta, resuming=ckpt.latest_step() is not None)
     t, m = cfg.train, cfg.model
-    if meta.vocab_size > m.vocab_size:
-        raise config.ConfigError(
-            f"{cfg.data.data_dir} has {meta.vocab_size} token ids but the model "
-            f"({t.init_from}) only {m.vocab_size}: prepare the data with the model's tokenizer")
     log.info("config:\n%s", config.to_toml_like(cfg))
     rows = t.batch_size * t.gradient_accumulation_steps
     log.info("%d processes, %d devices, mesh %s; %d tokens per step (%d x %d x %d)",
@@ -143,85 +164,98 @@ def _run(cfg: config.Config, topo: distributed.Topology, mesh: Mesh, meta: data.
              rows * m.block_size, t.gradient_accumulation_steps, t.batch_size, m.block_size)
 
     prog = program.build(cfg, mesh)  # the same steps tools/aot_compile.py checks ahead of time
-    run, batch_sh = prog.setup, prog.batch_sharding
-    batch_shape, eval_shape = prog.batch.shape, prog.eval_batch.shape
-    hellaswag_scores = hellaswag.for_training(cfg, run.static, mesh, meta.tokenizer)  # {} when off
+    hellaswag_scores = hellaswag.for_training(cfg, prog.setup.static, mesh, meta.tokenizer)
     # Both steps compile in the background while the state is created or restored.
     steps = compile_ahead(prog.steps, prog.abstract, None if t.eval_only else prog.batch,
                           prog.eval_batch)
-    start = 0
-    if resuming:
-        restored = ckpt.restore(run.abstract, expect=cfg)  # another architecture: one-line error
-        state, start = restored.state, restored.step
-        log.info("resumed from step %d (%s)", start, t.out_dir)
-        for change in resume.changes(restored.config, cfg):
-            log.info("changed since the checkpoint: %s", change)
-    elif pretrained is not None:
-        state = run.from_params(eqx.filter(pretrained, eqx.is_array), cfg)
-        log.info("initialised from %s", t.init_from)
-    else:
-        state = run.init(cfg)
+    state, start = _first_state(cfg, prog.setup, ckpt, pretrained)
     if topo.process_index == 0:
         out = epath.Path(t.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(cfg.to_json())  # the resolved config, beside the checkpoints
-
-    batches = data.Batches(cfg.data.data_dir, "train", block_size=m.block_size, rows=rows,
-                           seed=t.seed, meta=meta)
-
-    def global_batch(step: int) -> jax.Array:
-        return sharding.host_local_array(batch_shape, batch_sh, lambda r: batches.read(step, r))
-
-    eval_sets = {split: _eval_tokens(cfg, meta, split, eval_shape, batch_sh)
-                 for split in ("train", "val")}
-    tb = metrics.Metrics(t.out_dir, enabled=topo.process_index == 0,
-                         resume_step=start)
-
-    def evaluate(step: int, model: PyTree) -> None:
-        losses = {s: float(steps.evaluate(model, toks)) for s, toks in eval_sets.items()}
-        log.info("step %d: train loss %.4f, val loss %.4f", step, losses["train"], losses["val"])
-        tb.scalars(step, {"val/loss": losses["val"], "eval/train_loss": losses["train"],
-                          **hellaswag_scores(step, model)})
-
+    tb = metrics.Metrics(t.out_dir, enabled=topo.process_index == 0, resume_step=start)
+    evaluate = _Evaluation(cfg, meta, prog, steps, tb, hellaswag_scores)
     if t.eval_only:  # nanoGPT's eval_only: evaluate the restored (or initial) model and stop
         evaluate(start, state["model"])
         ckpt.close()
         tb.close()
         return 0
+
+    batches = data.Batches(cfg.data.data_dir, "train", block_size=m.block_size, rows=rows,
+                           seed=t.seed, meta=meta)
+
+    def global_batch(step: int) -> jax.Array:
+        return sharding.host_local_array(prog.batch.shape, prog.batch_sharding,
+                                         lambda r: batches.read(step, r))
+
+    remote = storage.is_gcs(cfg.data.data_dir)
+    feed = Feed(global_batch, start=start, stop=t.max_iters,
+                depth=REMOTE_FEED_DEPTH if remote else LOCAL_FEED_DEPTH, threads=4 if remote else 2)
     progress = Progress(start=start, max_iters=t.max_iters, tokens_per_step=rows * m.block_size,
                         flops_per_token=gpt.flops_per_token(m), n_devices=topo.global_device_count,
                         peak=peak_flops_per_device(jax.devices()[0]))
+    try:
+        finished = _loop(cfg, topo, steps, state, start, feed=feed, evaluate=evaluate,
+                         progress=progress, ckpt=ckpt, lock=lock, tb=tb)
+    except Diverged:
+        tb.close()  # the points up to the divergence stay in TensorBoard
+        ckpt.close()
+        raise
+    finally:
+        feed.close()
+    ckpt.close()
+    tb.close()
+    if finished and topo.process_index == 0:  # after the final checkpoint is committed
+        completion.mark(t.out_dir, t.max_iters)
+        log.info("run complete: wrote %s", completion.path(t.out_dir))
+    return 0
 
-    def report(step: int, out: dict[str, jax.Array]) -> None:
-        """Read the metrics of `step` (waiting for it), stop on a divergence, log them."""
-        vals = {k: float(v) for k, v in jax.device_get(out).items()}
-        _check_finite(step, vals, ckpt)
-        values = progress.values(step, vals)
-        tb.scalars(step, values)
-        log.info(progress.line(step, values))
 
-    remote = storage.is_gcs(cfg.data.data_dir)
+class _Evaluation:
+    """The loss on the fixed evaluation sets (and HellaSwag when on), logged at a step."""
+
+    def __init__(self, cfg: config.Config, meta: data.Meta, prog: program.Program, steps: Steps,
+                 tb: metrics.Metrics, hellaswag_scores: Callable[[int, PyTree], dict[str, float]]):
+        self._sets = {split: _eval_tokens(cfg, meta, split, prog.eval_batch.shape,
+                                          prog.batch_sharding) for split in ("train", "val")}
+        self._steps, self._tb, self._hellaswag = steps, tb, hellaswag_scores
+
+    def __call__(self, step: int, params: PyTree) -> None:
+        losses = {s: float(self._steps.evaluate(params, toks)) for s, toks in self._sets.items()}
+        log.info("step %d: train loss %.4f, val loss %.4f", step, losses["train"], losses["val"])
+        self._tb.scalars(step, {"val/loss": losses["val"], "eval/train_loss": losses["train"],
+                                **self._hellaswag(step, params)})
+
+
+def _fetch(out: dict[str, jax.Array]) -> dict[str, float]:
+    """A step's metrics on the host (waits for that step)."""
+    return {k: float(v) for k, v in jax.device_get(out).items()}
+
+
+def _loop(cfg: config.Config, topo: distributed.Topology, steps: Steps, state: State, start: int,
+          *, feed: Feed, evaluate: _Evaluation, progress: Progress, ckpt: checkpoint.Checkpointer,
+          lock: runlock.RunLock, tb: metrics.Metrics) -> bool:
+    """Train from step `start` to max_iters: evaluate, step, log, check, save. True when it got
+    there; False when a stop signal ended it (after a complete checkpoint of the step reached)."""
+    t = cfg.train
     cache_dir = compile_cache.directory(t.compilation_cache_dir, t.out_dir)
-    feed = Feed(global_batch, start=start, stop=t.max_iters,
-                depth=REMOTE_FEED_DEPTH if remote else LOCAL_FEED_DEPTH,
-                threads=4 if remote else 2)
     profiler = Profiler(t.out_dir, t.profile_start, t.profile_steps, first_step=start,
                         enabled=t.profile_all_hosts or topo.process_index == 0)
     preemption = Preemption()  # from here on a stop signal saves the step every host agrees on
     logged = None  # (step, metrics) of a log step, read once the next step is queued behind it
-    finished = False  # the loop reached max_iters (not stopped by a signal)
+    finished = False
     try:
         for step in range(start, t.max_iters):
             if step % t.eval_interval == 0:
                 evaluate(step, state["model"])
-            profiler.before_step(step, lambda: jax.block_until_ready(state))
+            profiler.before_step(step, state)
             state, out = steps.train(state, feed.get(step))
             if step == start and cache_dir is not None:  # every step is compiled by now
                 log.info("compilation cache %s: %d compiles loaded from it, %.1f s of compiling "
                          "saved", cache_dir, *compile_cache.served())
             done = step + 1
             if logged is not None:  # one step late: the host never waits on the step it queued
-                report(*logged)
+                _report(*logged, progress, ckpt, tb)
                 logged = None
             stop = preemption.should_stop(done) and done < t.max_iters
             save = ckpt.should_save(done) or done == t.max_iters or stop
@@ -229,9 +263,9 @@ def _run(cfg: config.Config, topo: distributed.Topology, mesh: Mesh, meta: data.
                 logged = (step, out)
             if save:  # the save waits for this step's state anyway: check it is finite first
                 if logged is None:
-                    _check_finite(step, {k: float(v) for k, v in jax.device_get(out).items()}, ckpt)
+                    _check_finite(step, _fetch(out), ckpt)
                 else:
-                    report(*logged)
+                    _report(*logged, progress, ckpt, tb)
                     logged = None
                 lock.refresh()  # stops here, on every host, if another run took out_dir over
                 ckpt.save(done, state, cfg)
@@ -245,21 +279,21 @@ def _run(cfg: config.Config, topo: distributed.Topology, mesh: Mesh, meta: data.
             if t.max_iters % t.eval_interval == 0:
                 evaluate(t.max_iters, state["model"])
             finished = True
-    except Diverged:
-        tb.close()  # the points up to the divergence stay in TensorBoard
-        ckpt.close()
-        raise
     finally:
         preemption.close()
-        feed.close()
-    profiler.finish(lambda: jax.block_until_ready(state))
+    profiler.finish(state)
     ckpt.wait()
-    ckpt.close()
-    tb.close()
-    if finished and topo.process_index == 0:  # after the final checkpoint is committed
-        completion.mark(t.out_dir, t.max_iters)
-        log.info("run complete: wrote %s", completion.path(t.out_dir))
-    return 0
+    return finished
+
+
+def _report(step: int, out: dict[str, jax.Array], progress: Progress,
+            ckpt: checkpoint.Checkpointer, tb: metrics.Metrics) -> None:
+    """Read the metrics of `step` (waiting for it), stop on a divergence, log them."""
+    vals = _fetch(out)
+    _check_finite(step, vals, ckpt)
+    values = progress.values(step, vals)
+    tb.scalars(step, values)
+    log.info(progress.line(step, values))
 
 
 def _main_telling_the_others(argv: list[str]) -> int:
