@@ -18,12 +18,11 @@ import re
 import time
 from dataclasses import asdict, dataclass
 
-import jax
 from jax.sharding import Mesh
 
 from nanojaxgpt import hlo, program, sharding, topology
 from nanojaxgpt import model as gpt
-from nanojaxgpt.config import Config, ConfigError
+from nanojaxgpt.config import Config
 
 LIBTPU_LOCK = "/tmp/libtpu.lock"  # one process at a time may open libtpu on a machine
 LIBTPU_OWN_LOCK = "/tmp/libtpu_lockfile"

@@ -38,7 +38,7 @@ from etils import epath
 from jaxtyping import PyTree
 
 from nanojaxgpt import config as config_lib
-from nanojaxgpt import integrity, orbax_logs, resume
+from nanojaxgpt import integrity, resume
 from nanojaxgpt.config import CheckpointConfig, Config, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,6 @@ class Checkpointer:
             # Orbax's own limit on the background write; wait() also enforces it on the whole save.
             async_options=ocp.AsyncOptions(timeout_secs=max(1, math.ceil(cfg.save_timeout_s))),
         )
-        orbax_logs.quiet()
         self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
     def __enter__(self) -> Checkpointer:
@@ -395,30 +394,25 @@ def read_config(run_dir: str, step: int | None = None) -> Config:
         mngr.close()
 
 
-def _build_gpt(cfg: ModelConfig, key: jax.Array) -> eqx.Module:
-    from nanojaxgpt import model  # the model code is needed only to sample, not to train-resume
-
-    return model.GPT(cfg, key=key)
-
-
 def load_model(run_dir: str, *, step: int | None = None,
-               build: Callable[[ModelConfig, jax.Array], eqx.Module] | None = None) -> eqx.Module:
+               abstract: Callable[[ModelConfig], eqx.Module] | None = None) -> eqx.Module:
     """The model of a checkpoint (default: the latest) on one device, for sampling or export.
 
     Reads only the `model` subtree of the state: the optimizer moments (2/3 of it) stay on disk.
-    `build(model_config, key)` makes the module (default: nanojaxgpt.model.GPT); it is only traced.
+    `abstract(model_config)`: the module with its arrays as ShapeDtypeStructs (default:
+    nanojaxgpt.model.abstract_model).
     """
-    build = build or _build_gpt
+    from nanojaxgpt import model  # the model code is needed only to sample, not to train-resume
+
+    abstract = abstract or model.abstract_model
     mngr = _reader(run_dir)
     try:
         step = _step_or_latest(mngr, run_dir, step)
         cfg = _read_config(mngr, step)
-        abstract_model = eqx.filter_eval_shape(build, cfg.model, jax.random.key(0))
-        is_leaf = lambda x: isinstance(x, jax.ShapeDtypeStruct)  # noqa: E731
-        params, static = eqx.partition(abstract_model, is_leaf)
+        params, static = eqx.partition(abstract(cfg.model), model.is_param)
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                              params, is_leaf=is_leaf)
+                              params, is_leaf=model.is_param)
         item = {"model": params}
         restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
             item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),

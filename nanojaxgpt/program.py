@@ -54,12 +54,12 @@ def build(cfg: Config, mesh: Mesh) -> Program:
     """The train and eval steps of `cfg` on `mesh`, with the abstract arguments they take."""
     check(cfg, mesh)
     t, m = cfg.train, cfg.model
-    run = setup(cfg, mesh)
+    ts = setup(cfg, mesh)
     batch_sh = sharding.batch_sharding(mesh, 3, 1)  # [steps or micro-batches, batch, tokens]
-    steps = jit_steps(run.static, run.tx, cfg.optim, run.shardings, batch_sh, batch_sh,
+    steps = jit_steps(ts.static, ts.tx, cfg.optim, ts.shardings, batch_sh, batch_sh,
                       sharding.replicated(mesh))
     batch = jax.ShapeDtypeStruct((t.gradient_accumulation_steps, t.batch_size, m.block_size + 1),
                                  np.int32, sharding=batch_sh)
     eval_batch = jax.ShapeDtypeStruct((t.eval_iters, t.batch_size, m.block_size + 1), np.int32,
                                       sharding=batch_sh)
-    return Program(setup=run, steps=steps, batch=batch, eval_batch=eval_batch)
+    return Program(setup=ts, steps=steps, batch=batch, eval_batch=eval_batch)

@@ -20,10 +20,6 @@ from nanojaxgpt.config import Config
 from nanojaxgpt.step import State, init_state
 
 
-def _is_array(x: Any) -> bool:
-    return isinstance(x, (jax.Array, jax.ShapeDtypeStruct))
-
-
 @dataclass(frozen=True)
 class TrainSetup:
     static: Any  # the non-array half of the GPT module (structure + config)
@@ -50,8 +46,8 @@ class TrainSetup:
 
 
 def setup(cfg: Config, mesh: Mesh) -> TrainSetup:
-    abstract_model = eqx.filter_eval_shape(gpt.GPT, cfg.model, key=jax.random.key(0))
-    params, static = eqx.partition(abstract_model, _is_array)
+    abstract_model = gpt.abstract_model(cfg.model)
+    params, static = eqx.partition(abstract_model, gpt.is_param)
     axes = gpt.logical_axes(abstract_model)
     tx = optim.make(cfg.optim, optim.decay_mask(axes))
     abstract_state = jax.eval_shape(lambda p: init_state(p, tx, cfg.train.seed), params)
@@ -60,7 +56,7 @@ def setup(cfg: Config, mesh: Mesh) -> TrainSetup:
     rep = sharding.replicated(mesh)
     opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_state["opt_state"], param_sh,
                                    transform_non_params=lambda _: rep,
-                                   is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+                                   is_leaf=gpt.is_param)
     shardings = {"model": param_sh, "opt_state": opt_sh, "step": rep, "key": rep}
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             abstract_state, shardings)

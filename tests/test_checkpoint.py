@@ -25,7 +25,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from nanojaxgpt import checkpoint
 from nanojaxgpt.config import CheckpointConfig, Config, ModelConfig
-from tests.gcs_server import GCSServer
+from tools.gcs_server import GCSServer
 from tools import inspect_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,8 +49,8 @@ class TinyNet(eqx.Module):
         self.n_layer = cfg.n_layer
 
 
-def build_tiny(cfg: ModelConfig, key: jax.Array) -> TinyNet:
-    return TinyNet(cfg, key=key)
+def abstract_tiny(cfg: ModelConfig) -> TinyNet:
+    return eqx.filter_eval_shape(TinyNet, cfg, key=jax.random.key(0))
 
 
 def train_state(seed: int = 0) -> dict:
@@ -340,7 +340,7 @@ def test_gcs_round_trip_and_load_model(gcs):
     assert r.step == 5 and r.config == json.loads(CFG.to_json())
     assert_bitwise_equal(r.state, state)
     assert checkpoint.read_config(run) == CFG
-    model = checkpoint.load_model(run, build=build_tiny)
+    model = checkpoint.load_model(run, abstract=abstract_tiny)
     assert isinstance(model, TinyNet) and model.n_layer == 2
     assert_bitwise_equal(eqx.filter(model, eqx.is_array), state["model"])
 
@@ -349,7 +349,7 @@ def test_read_config_and_load_model_errors(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
         checkpoint.read_config(str(tmp_path / "missing"))
     with pytest.raises(checkpoint.CheckpointError, match="holds no checkpoints"):
-        checkpoint.load_model(str(tmp_path), build=build_tiny)
+        checkpoint.load_model(str(tmp_path), abstract=abstract_tiny)
 
 
 def test_load_model_builds_the_real_gpt(tmp_path):

@@ -27,11 +27,11 @@ GOLDEN = {1: (4.185065269470215, 0.6897663474082947, 516.8828180044811),
 
 def test_golden_steps():
     mesh = sharding.make_mesh(CFG.mesh)
-    run = setup(CFG, mesh)
+    ts = setup(CFG, mesh)
     batch_sh = sharding.batch_sharding(mesh, 3, 1)
-    steps = jit_steps(run.static, run.tx, CFG.optim, run.shardings, batch_sh, batch_sh,
+    steps = jit_steps(ts.static, ts.tx, CFG.optim, ts.shardings, batch_sh, batch_sh,
                       sharding.replicated(mesh))
-    state = run.init(CFG)
+    state = ts.init(CFG)
     rng = np.random.default_rng(0)
     got = {}
     for step in range(1, 11):

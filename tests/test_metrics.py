@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

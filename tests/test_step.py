@@ -71,11 +71,11 @@ def _mesh_steps(cfg):
     from nanojaxgpt.state import setup
 
     mesh = sharding.make_mesh(cfg.mesh)
-    run = setup(cfg, mesh)
+    ts = setup(cfg, mesh)
     batch_sh = sharding.batch_sharding(mesh, 3, 1)
-    steps = step.jit_steps(run.static, run.tx, cfg.optim, run.shardings, batch_sh, batch_sh,
+    steps = step.jit_steps(ts.static, ts.tx, cfg.optim, ts.shardings, batch_sh, batch_sh,
                            sharding.replicated(mesh), batches_per_eval_pass=2)
-    return run, steps, batch_sh
+    return ts, steps, batch_sh
 
 
 def test_steps_compiled_ahead_equal_the_jitted_steps_on_a_mesh():
@@ -83,17 +83,17 @@ def test_steps_compiled_ahead_equal_the_jitted_steps_on_a_mesh():
 
     cfg = config.load(None, {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16,
                              "vocab_size": 50, "batch_size": 8, "mesh.data": 2, "mesh.fsdp": 4})
-    run, steps, batch_sh = _mesh_steps(cfg)
+    ts, steps, batch_sh = _mesh_steps(cfg)
     rng = np.random.default_rng(0)
     batches = [jax.device_put(rng.integers(0, 50, (1, 8, 17), dtype=np.int32), batch_sh)
                for _ in range(3)]
     eval_tokens = jax.device_put(rng.integers(0, 50, (4, 8, 17), dtype=np.int32), batch_sh)
-    ahead = step.compile_ahead(steps, run.abstract,
+    ahead = step.compile_ahead(steps, ts.abstract,
                                jax.ShapeDtypeStruct((1, 8, 17), np.int32, sharding=batch_sh),
                                jax.ShapeDtypeStruct((4, 8, 17), np.int32, sharding=batch_sh))
 
     def trajectory(s):
-        state, losses = run.init(cfg), []
+        state, losses = ts.init(cfg), []
         for tokens in batches:
             state, out = s.train(state, tokens)
             losses.append(float(out["loss"]))
@@ -106,7 +106,7 @@ def test_steps_compiled_ahead_equal_the_jitted_steps_on_a_mesh():
         np.testing.assert_array_equal(a, b)
         assert a.sharding == b.sharding
     # The evaluation-only form compiles no train step, and still evaluates the same.
-    only_eval = step.compile_ahead(steps, run.abstract, None,
+    only_eval = step.compile_ahead(steps, ts.abstract, None,
                                    jax.ShapeDtypeStruct((4, 8, 17), np.int32, sharding=batch_sh))
     assert only_eval.train is steps.train
     assert float(only_eval.evaluate(plain_state["model"], eval_tokens)) == plain_eval
@@ -118,33 +118,33 @@ def test_cpu_train_options_do_not_change_results():
 
     cfg = config.load(None, {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16,
                              "vocab_size": 50, "batch_size": 8})
-    run, steps, batch_sh = _mesh_steps(cfg)
-    plain = jax.jit(lambda s, t: step.train_step(s, t, static=run.static, tx=run.tx,
+    ts, steps, batch_sh = _mesh_steps(cfg)
+    plain = jax.jit(lambda s, t: step.train_step(s, t, static=ts.static, tx=ts.tx,
                                                  optim_cfg=cfg.optim,
-                                                 param_shardings=run.shardings["model"]),
-                    in_shardings=(run.shardings, batch_sh))
+                                                 param_shardings=ts.shardings["model"]),
+                    in_shardings=(ts.shardings, batch_sh))
     tokens = jax.device_put(np.random.default_rng(1).integers(0, 50, (1, 8, 17), dtype=np.int32),
                             batch_sh)
-    a, out_a = plain(run.init(cfg), tokens)
-    b, out_b = steps.train(run.init(cfg), tokens)
+    a, out_a = plain(ts.init(cfg), tokens)
+    b, out_b = steps.train(ts.init(cfg), tokens)
     np.testing.assert_allclose(out_a["loss"], out_b["loss"], rtol=1e-6)
     np.testing.assert_allclose(optax.tree.norm(a["model"]), optax.tree.norm(b["model"]), rtol=1e-6)
 
 
 def test_cpu_init_options_give_bitwise_the_same_state():
     # TrainSetup.init compiles with cpu.INIT_OPTIONS (a faster compile) on CPU: same bits as -O3.
-    from nanojaxgpt import config, state
+    from nanojaxgpt import config
 
     cfg = config.load(None, {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16,
                              "vocab_size": 50, "batch_size": 8, "mesh.data": 2, "mesh.fsdp": 4})
-    run, _, _ = _mesh_steps(cfg)
-    fast = run.init(cfg)
+    ts, _, _ = _mesh_steps(cfg)
+    fast = ts.init(cfg)
 
     def fresh():  # TrainSetup.init's function, compiled with XLA's default options
         model = gpt.GPT(cfg.model, key=jax.random.key(cfg.train.seed))
-        return step.init_state(eqx.filter(model, eqx.is_array), run.tx, cfg.train.seed)
+        return step.init_state(eqx.filter(model, eqx.is_array), ts.tx, cfg.train.seed)
 
-    default = jax.jit(fresh, out_shardings=run.shardings)()
+    default = jax.jit(fresh, out_shardings=ts.shardings)()
     for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(default), strict=True):
         np.testing.assert_array_equal(a, b)
         assert a.sharding == b.sharding
