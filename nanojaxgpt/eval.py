@@ -27,7 +27,7 @@ from nanojaxgpt import data, distributed, hellaswag, scoring, sharding, storage
 from nanojaxgpt.cli import run_command
 from nanojaxgpt.config import DistributedConfig, MeshConfig, TrainConfig
 from nanojaxgpt.model import GPT, with_runtime
-from nanojaxgpt.sample import load_model
+from nanojaxgpt.sample import model_and_tokenizer
 
 TASKS = ("hellaswag", "val_loss")
 
@@ -85,7 +85,7 @@ def main(argv: list[str]) -> int:
     examples = None
     if "hellaswag" in tasks:  # the file first: a missing one fails before the model loads
         examples = hellaswag.read_examples(hellaswag.dataset_file(args.hellaswag_file), args.limit)
-    loaded = load_model(args.init_from, args.out_dir)
+    loaded = model_and_tokenizer(args.init_from, args.out_dir)
     model = with_runtime(loaded.model, compute_dtype=args.dtype)
     mesh = sharding.make_mesh(MeshConfig())
     lines = []

@@ -22,7 +22,7 @@ from typing import NoReturn
 
 from nanojaxgpt import hf, storage
 from nanojaxgpt.cli import run_command
-from nanojaxgpt.sample import load_model
+from nanojaxgpt.sample import model_and_tokenizer
 from nanojaxgpt.tokenizer import GPT2_EOT
 
 EOT_TEXT = "<|endoftext|>"
@@ -82,7 +82,7 @@ def export(init_from: str, out: str, out_dir: str = "out") -> str:
     if storage.is_gcs(out):
         raise ValueError(f"--out={out}: export writes a local directory; copy it afterwards "
                          "(gcloud storage cp -r DIR gs://...)")
-    loaded = load_model(init_from, out_dir)
+    loaded = model_and_tokenizer(init_from, out_dir)
     model, tok = loaded.model, loaded.tokenizer
     path = Path(storage.absolute(out))
     hf.save(model, str(path))  # checks the architecture before writing anything

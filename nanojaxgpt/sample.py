@@ -44,8 +44,8 @@ class PromptError(ValueError):
 def kth_largest(logits: Float[Array, "B V"], k: int | Int[Array, ""]) -> Float[Array, "B"]:
     """Each row's k-th largest value, exactly, by bisection on the bits of float32.
 
-    lax.top_k sorts the row on XLA:CPU (56 ms for 8 x 50304 logits, a quarter of a GPT-2 decode
-    step); 32 halvings of the uint32 range, each one counting pass over the row, take 3 ms.
+    lax.top_k sorts the row on XLA:CPU (a quarter of a GPT-2 decode step); 32 halvings of the
+    uint32 range, each one counting pass over the row, cost a twentieth of that (README: 'Measurements behind the code').
     """
     bits = jax.lax.bitcast_convert_type(logits, jnp.uint32)
     # An order-preserving map float32 -> uint32: negatives flip every bit, positives the sign bit.
@@ -177,7 +177,7 @@ class Loaded(NamedTuple):
     run_config: Any = None  # a run directory's resolved config.Config; None for GPT-2 weights
 
 
-def load_model(init_from: str, out_dir: str = "out") -> Loaded:
+def model_and_tokenizer(init_from: str, out_dir: str = "out") -> Loaded:
     """A model and its tokenizer from a GPT-2 name, a Hugging Face directory, or a run directory."""
     from nanojaxgpt import hf, tokenizer
 
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                 start = Path(start[5:]).read_text(encoding="utf-8")
             except OSError as e:
                 raise ValueError(f"--start={args.start}: cannot read the prompt file ({e.strerror})") from e
-        loaded = load_model(args.init_from, args.out_dir)
+        loaded = model_and_tokenizer(args.init_from, args.out_dir)
         model = with_runtime(loaded.model, compute_dtype=args.dtype)
         vocab = getattr(loaded.tokenizer, "vocab_size", None)
         if vocab is not None and vocab > model.config.vocab_size:

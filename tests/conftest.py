@@ -22,7 +22,7 @@ if (_SHARED / "tiktoken_cache").is_dir():
 
 import pytest  # noqa: E402
 
-from tests.gcs_server import GCSServer  # noqa: E402
+from tools.gcs_server import GCSServer  # noqa: E402
 
 _SHAKESPEARE = _SHARED / "data" / "tinyshakespeare.txt"
 

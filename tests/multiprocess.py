@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.gcs_server import free_port
+from tools.gcs_server import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -31,7 +31,7 @@ def test_training_logs_hellaswag_and_the_command_reads_the_same(bpe_run):  # noq
     assert val == f"val loss {curve(out, 'val/loss')[10]:.4f} ({tokens} tokens)"
 
     # In full precision, from Python: the run's eval set, the same model, the same loss.
-    loaded = sample.load_model(str(out))
+    loaded = sample.model_and_tokenizer(str(out))
     loss, n = evaluate.val_loss(loaded.model, str(bpe_run["data"]), batch_size=8, eval_iters=4,
                                 seed=loaded.run_config.train.seed)
     assert n == tokens

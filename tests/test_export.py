@@ -34,7 +34,7 @@ def exported(bpe_run, tmp_path_factory):  # noqa: F811
 
 def test_exported_run_has_the_runs_logits(bpe_run, exported):  # noqa: F811
     _, theirs = exported
-    ours = sample.load_model(str(bpe_run["out"])).model
+    ours = sample.model_and_tokenizer(str(bpe_run["out"])).model
     idx = np.random.RandomState(0).randint(0, 50257, ours.config.block_size)
     logits = np.asarray(jax.jit(lambda m, i: m(i, inference=True))(ours, jnp.asarray(idx)))
     with torch.no_grad():
@@ -72,7 +72,7 @@ def test_a_bias_free_run_exports_with_zero_biases_and_a_variant_is_one_line(tmp_
         env=os.environ, capture_output=True, text=True, timeout=240)
     proc = export_cmd(tmp_path / "run", tmp_path / "hf")
     assert proc.returncode == 0 and "no tokenizer files: the model reads 'char' tokens" in proc.stdout, proc.stderr
-    ours = sample.load_model(str(tmp_path / "run")).model
+    ours = sample.model_and_tokenizer(str(tmp_path / "run")).model
     assert not ours.config.bias
     theirs = GPT2LMHeadModel.from_pretrained(tmp_path / "hf", attn_implementation="eager", dtype=torch.float32)
     vocab = ours.config.vocab_size  # the characters of the text

@@ -22,7 +22,7 @@ import pytest
 
 from nanojaxgpt import checkpoint, config, prepare, train
 from tests import multihost_runs as mr
-from tests.gcs_server import GCSServer
+from tools.gcs_server import GCSServer
 from tests.conftest import shakespeare
 
 TOLERANCE = dict(rtol=2e-5, atol=2e-5)  # float32: another mesh sums in another order

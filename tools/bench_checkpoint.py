@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", type=float, default=124e6, help="model parameters (124e6)")
     parser.add_argument("--repeats", type=int, default=2, help="saves and restores per target")
     parser.add_argument("--dir", help="local run directory (default: a fresh temporary one)")
-    parser.add_argument("--gcs", help="'emulator' (starts tests/gcs_server.py's fake-gcs-server "
+    parser.add_argument("--gcs", help="'emulator' (starts tools/gcs_server.py's fake-gcs-server "
                                       "on loopback) or a gs://bucket/path to time")
     parser.add_argument("--no-local", action="store_true", help="skip the local-disk target")
     args = parser.parse_args(argv)
@@ -117,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="bench-ckpt-") as tmp:
             timings += bench("local", args.dir or tmp, args.params, args.repeats)
     if args.gcs == "emulator":
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's tests package
-        from tests.gcs_server import GCSServer
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: tools.gcs_server
+        from tools.gcs_server import GCSServer
 
         server = GCSServer()
         try:

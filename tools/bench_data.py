@@ -8,7 +8,7 @@ Tokens/s counts training tokens (rows * block_size) of one host reading all rows
 `read` is one synchronous read() per step, `iterate` is the grain-prefetched iterator, `feed` is
 what training uses (nanojaxgpt.feed.Feed: --feed_depth steps read ahead on --feed_threads threads). Shapes: seq
 1024 batch 16 (GPT-2 124M per-device batch) and seq 64 batch 12 (shakespeare_char on CPU).
---gcs emulator starts a loopback fake-gcs-server (tests/gcs_server.py); --gcs none skips gs://.
+--gcs emulator starts a loopback fake-gcs-server (tools/gcs_server.py); --gcs none skips gs://.
 """
 
 import argparse
@@ -45,8 +45,8 @@ def emulator(latency_ms: float):
     """A fake-gcs-server on loopback from the test helpers, with every client pointed at it
     (through a proxy that holds each request `latency_ms` when that is > 0)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.gcs_server import GCSServer
-    from tests.latency_proxy import LatencyProxy
+    from tools.gcs_server import GCSServer
+    from tools.latency_proxy import LatencyProxy
 
     server = GCSServer()
     # Stopped at exit, after Python has joined the prefetch threads still finishing their reads.

@@ -24,8 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from nanojaxgpt import data, storage  # noqa: E402
-from tests.gcs_server import GCSServer  # noqa: E402
-from tests.latency_proxy import LatencyProxy  # noqa: E402
+from tools.gcs_server import GCSServer  # noqa: E402
+from tools.latency_proxy import LatencyProxy  # noqa: E402
 
 STEP_TIME = re.compile(r"\| ([\d.]+) ms/step")
 

@@ -1,4 +1,4 @@
-"""A real GCS-protocol server (fake-gcs-server) on a free loopback port, for the tests.
+"""A real GCS-protocol server (fake-gcs-server) on a free loopback port, for tests and benchmarks.
 
 Every library in the stack finds the emulator through its own environment variable and hangs
 (no error) when it is missing, so `env()` returns all of them and the fixture exports them.
