@@ -18,16 +18,13 @@ def on_cpu(mesh: Mesh) -> bool:
     return mesh.devices.flat[0].platform == "cpu"
 
 
-# Hand whole dot fusions (and reductions) to YNNPACK in the train step. Measured on 2 cores, A/B
-# interleaved in one process: the CPU quick-start step (4 x 128, 12 x 64 tokens) takes 20.6 ms
-# instead of 27.1, a 6 x 384 model 686 ms instead of 738. The eval forward pass is faster with
-# XLA's default (1.07 vs 1.15 s for 200 batches), so it keeps the default.
+# Hand whole dot fusions (and reductions) to YNNPACK in the train step, where it is faster; the
+# eval forward pass is faster with XLA's default, so it keeps the default (README: 'Measurements behind the code').
 TRAIN_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
                  "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 
-# LLVM at -O2 instead of -O3 for the one-off init. Measured on 2 cores: its compile takes 0.6 s
-# instead of 1.8 s for the CPU quick-start model and for GPT-2 124M alike, and the parameters are
-# bitwise the same (-O0 changes them).
+# LLVM at -O2 instead of -O3 for the one-off init: a third of the compile time, and the parameters
+# are bitwise the same (tests/test_step.py; -O0 changes them) (README: 'Measurements behind the code').
 INIT_OPTIONS = {"xla_backend_optimization_level": 2}
 
 
@@ -44,10 +41,9 @@ def batches_per_eval_pass(mesh: Mesh, n_batches: int, batch_rows: int, block_siz
     """How many eval batches to run as one forward pass: the most within `max_tokens` per device.
 
     Many small batches (the CPU recipe: 12 x 64 tokens, 200 of them) waste the machine on
-    per-trip overhead, and a big pass falls out of the caches: measured on 2 CPU cores, 200
-    batches took 0.94 s one at a time, 0.84-0.85 s in groups of 4-5 (3-4k tokens per pass),
-    1.09 s in groups of 20 and 1.25 s in groups of 100. GPT-2-sized batches run one at a time,
-    and so does every batch on an accelerator. `batch_rows` is the rows of one batch per device.
+    per-trip overhead, and a big pass falls out of the caches; a few thousand tokens per pass is
+    fastest (README: 'Measurements behind the code'). GPT-2-sized batches run one at a time, and so does every batch on an
+    accelerator. `batch_rows` is the rows of one batch per device.
     """
     if not on_cpu(mesh):
         return 1

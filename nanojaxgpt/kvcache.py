@@ -5,17 +5,20 @@ A decode step feeds one token per sequence at a traced position `pos`: it writes
 serves every length. Positions > pos may hold stale values (the prefill of a padded window writes
 them); they are masked out, and overwritten before they are ever attended to.
 
-The layout was chosen by measuring GPT-2 small on XLA:CPU (ms per decode step at batch 8):
+Both passes run the model's own blocks, with only the attention core swapped (see
+CausalSelfAttention.__call__): the prefill keeps each layer's keys and values, a decode step
+writes the new ones into the cache and attends over it. The layout, chosen by measuring
+(README: 'Measurements behind the code'):
 - Generation runs a `Decoder`: the GPT with each block's arrays unstacked, looped in Python. A
   lax.scan over the stacked blocks copies every layer's weights and cache out of the stack on each
   step (a dynamic-slice is not fused into a dot). It costs one copy of the block weights while
-  sampling, and compile time that grows with n_layer (3 s for 12 layers, 13 s for 48).
+  sampling, and compile time that grows with n_layer.
 - Each layer's cache is its own [batch * n_head, block_size, head_dim] array: the attention dots
   have one batch dim over contiguous [S, D] rows and nothing is transposed per step (a
-  [B, S, H, D] cache was, every step: 343 ms), and the write at pos is in place (with a
-  [B, H, S, D] cache XLA copied the whole cache every step when B was 1).
+  [B, S, H, D] cache was), and the write at pos is in place (with a [B, H, S, D] cache XLA
+  copied the whole cache every step when B was 1).
 - The new key/value is written before the cache is read, so the old cache is dead after the
-  update (reading it afterwards made XLA copy the whole cache too). Result: about 43 ms.
+  update (reading it afterwards made XLA copy the whole cache too).
 """
 
 from __future__ import annotations

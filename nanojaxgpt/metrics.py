@@ -31,8 +31,8 @@ import time
 from collections.abc import Mapping
 from typing import SupportsFloat
 
-# tensorboardX's package __init__ imports torch where it is installed (1.1 s of every start on 2
-# CPU cores) only to accept torch tensors; we log Python floats. Hide torch for that one import.
+# tensorboardX's package __init__ imports torch where it is installed (a second of every start)
+# only to accept torch tensors; we log Python floats. Hide torch for that one import.
 _torch_hidden = "torch" not in sys.modules
 if _torch_hidden:
     sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError

@@ -16,9 +16,9 @@ over one int per device (a 4-byte-per-device all-reduce across hosts) and reads 
 call's result, which has normally finished by then, so the host keeps one step of lead over the
 devices and the stop lands one step after a signal is seen. On TPU/GPU dispatch is asynchronous
 (a jitted call, tens of microseconds) and the all-reduce takes microseconds. The CPU backend runs
-the gloo all-reduce inside dispatch: measured 1.0-1.6 ms per step with 2 processes x 2 devices
-on 2 loaded cores (tools/bench_startup.py --local 2), against 1.8-2.4 ms for a synchronous
-multihost_utils.process_allgather. Cheap next to any real step, so it runs every step.
+the gloo all-reduce inside dispatch, still cheaper than a synchronous
+multihost_utils.process_allgather (README: 'Measurements behind the code'), and cheap next to any real step, so it
+runs every step.
 
 Every host must create Preemption and call should_stop exactly once per step, at the same point
 of its loop (both run a collective). A second Ctrl-C raises KeyboardInterrupt at once.
