@@ -26,20 +26,17 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import equinox as eqx
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jaxtyping import PyTree
 
-from nanojaxgpt import config as config_lib
 from nanojaxgpt import integrity, resume
-from nanojaxgpt.config import CheckpointConfig, Config, ModelConfig
+from nanojaxgpt.config import CheckpointConfig, Config
 
 log = logging.getLogger(__name__)
 
@@ -358,70 +355,3 @@ def _reason(e: BaseException) -> str:
         return f"failed its integrity check: {e}"
     first = (str(e).strip().splitlines() or [""])[0]
     return f"unreadable: {type(e).__name__}: {first[:300]}"
-
-
-def _reader(run_dir: str) -> ocp.CheckpointManager:
-    directory = checkpoint_dir(run_dir)
-    if not epath.Path(run_dir).exists():
-        raise CheckpointError(f"run directory {run_dir} does not exist")
-    if not directory.exists():
-        raise CheckpointError(f"{run_dir} holds no checkpoints ({directory} does not exist)")
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
-    return ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
-
-
-def _step_or_latest(mngr: ocp.CheckpointManager, run_dir: str, step: int | None) -> int:
-    steps = mngr.all_steps()
-    if step is None and steps:
-        return max(steps)
-    if step is not None and step in steps:
-        return step
-    raise CheckpointError(f"no complete checkpoint{'' if step is None else f' of step {step}'} "
-                          f"in {checkpoint_dir(run_dir)}; complete ones: {sorted(steps)}")
-
-
-def _read_config(mngr: ocp.CheckpointManager, step: int) -> Config:
-    saved = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
-    return config_lib.from_json(json.dumps(saved))
-
-
-def read_config(run_dir: str, step: int | None = None) -> Config:
-    """The resolved config saved with a checkpoint (default: the latest complete one)."""
-    mngr = _reader(run_dir)
-    try:
-        return _read_config(mngr, _step_or_latest(mngr, run_dir, step))
-    finally:
-        mngr.close()
-
-
-def load_model(run_dir: str, *, step: int | None = None,
-               abstract: Callable[[ModelConfig], eqx.Module] | None = None) -> eqx.Module:
-    """The model of a checkpoint (default: the latest) on one device, for sampling or export.
-
-    Reads only the `model` subtree of the state: the optimizer moments (2/3 of it) stay on disk.
-    `abstract(model_config)`: the module with its arrays as ShapeDtypeStructs (default:
-    nanojaxgpt.model.abstract_model).
-    """
-    from nanojaxgpt import model  # the model code is needed only to sample, not to train-resume
-
-    abstract = abstract or model.abstract_model
-    mngr = _reader(run_dir)
-    try:
-        step = _step_or_latest(mngr, run_dir, step)
-        cfg = _read_config(mngr, step)
-        params, static = eqx.partition(abstract(cfg.model), model.is_param)
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                              params, is_leaf=model.is_param)
-        item = {"model": params}
-        restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-            partial_restore=True)))
-    except CheckpointError:
-        raise
-    except Exception as e:
-        raise CheckpointError(f"cannot load the model of step {step} from "
-                              f"{checkpoint_dir(run_dir)}: {type(e).__name__}: {e}") from e
-    finally:
-        mngr.close()
-    return eqx.combine(restored.state["model"], static)

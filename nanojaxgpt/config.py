@@ -11,13 +11,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import math
 import os
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
+
+from nanojaxgpt import config_rules
 
 
 class ConfigError(ValueError):
@@ -239,71 +240,6 @@ def _field_types(section: str) -> dict[str, Any]:
     return typing.get_type_hints(SECTIONS[section])
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def _validate(cfg: Config) -> None:
-    """Values, not only types: every key that can hold a wrong value is checked here."""
-    m, t, o, c, d = cfg.model, cfg.train, cfg.optim, cfg.checkpoint, cfg.distributed
-    for section, values in cfg.to_dict().items():
-        for key, value in values.items():
-            _check(not isinstance(value, float) or math.isfinite(value),
-                   f"{section}.{key}={value} must be a finite number")
-    positive = {"model.block_size": m.block_size, "model.vocab_size": m.vocab_size,
-                "model.vocab_multiple": m.vocab_multiple, "model.n_layer": m.n_layer,
-                "model.n_head": m.n_head, "model.n_embd": m.n_embd,
-                "train.batch_size": t.batch_size,
-                "train.gradient_accumulation_steps": t.gradient_accumulation_steps,
-                "train.eval_interval": t.eval_interval, "train.eval_iters": t.eval_iters,
-                "train.log_interval": t.log_interval, "train.profile_steps": t.profile_steps,
-                "optim.learning_rate": o.learning_rate,
-                "checkpoint.checkpoint_interval": c.checkpoint_interval,
-                "checkpoint.keep_checkpoints": c.keep_checkpoints,
-                "checkpoint.save_timeout_s": c.save_timeout_s,
-                "checkpoint.lock_stale_s": c.lock_stale_s,
-                "distributed.initialization_timeout_s": d.initialization_timeout_s,
-                "distributed.heartbeat_timeout_s": d.heartbeat_timeout_s}
-    for k, v in positive.items():
-        _check(v > 0, f"{k}={v} must be positive")
-    non_negative = {"train.max_iters": t.max_iters, "train.hellaswag_limit": t.hellaswag_limit,
-                    "optim.warmup_iters": o.warmup_iters,
-                    "optim.lr_decay_iters": o.lr_decay_iters, "optim.weight_decay": o.weight_decay,
-                    "optim.grad_clip": o.grad_clip}
-    for k, v in non_negative.items():
-        _check(v >= 0, f"{k}={v} must be >= 0")
-    _check(t.profile_start >= -1, f"train.profile_start={t.profile_start} must be a step, or -1 for none")
-    _check(m.n_embd % m.n_head == 0,
-           f"model.n_embd={m.n_embd} must be divisible by model.n_head={m.n_head}")
-    _check(m.position != "rope" or m.head_dim % 2 == 0,
-           f"position='rope' needs an even head size; n_embd/n_head={m.head_dim}")
-    _check(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
-    _check(m.attention != "splash" or m.block_size % 128 == 0,
-           f"attention='splash' tiles the sequence in blocks of 128, but model.block_size="
-           f"{m.block_size}; use a multiple of 128 or attention='xla'")
-    _check(m.attention != "cudnn" or m.compute_dtype == "bfloat16",
-           f"attention='cudnn' (cuDNN flash attention) runs in bfloat16, but model.compute_dtype="
-           f"{m.compute_dtype!r}; set --compute_dtype=bfloat16 or --attention=xla")
-    _check(0.0 <= o.min_lr <= o.learning_rate,
-           f"optim.min_lr={o.min_lr} must be in [0, optim.learning_rate={o.learning_rate}]")
-    for k in ("beta1", "beta2"):
-        v = getattr(o, k)
-        _check(0.0 <= v < 1.0, f"optim.{k}={v} must be in [0, 1)")
-    _check(not o.decay_lr or o.warmup_iters <= o.lr_decay_iters,
-           f"optim.warmup_iters={o.warmup_iters} must be <= optim.lr_decay_iters="
-           f"{o.lr_decay_iters} (the schedule decays after the warmup)")
-    for k in ("data.data_dir", "train.out_dir", "train.init_from"):
-        section, key = k.split(".")
-        _check(bool(str(getattr(getattr(cfg, section), key)).strip()), f"{k} must not be empty")
-    for axis in ("data", "fsdp", "tensor"):
-        v = getattr(cfg.mesh, axis)
-        _check(v > 0 or v == -1, f"mesh.{axis}={v} must be a positive device count or -1 (the rest)")
-    _check(cfg.mesh.slices >= 1, f"mesh.slices={cfg.mesh.slices} must be >= 1")
-    _check([cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) <= 1,
-           "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
-
-
 def from_dict(values: dict[str, Any], source: str = "config") -> Config:
     """Build a Config from nested {section: {key: value}} (or flat section.key) values."""
     sections: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
@@ -319,7 +255,8 @@ def from_dict(values: dict[str, Any], source: str = "config") -> Config:
         cfg = Config(**{s: SECTIONS[s](**kv) for s, kv in sections.items()})
     except TypeError as e:  # pragma: no cover - _set checks keys first
         raise ConfigError(f"{source}: {e}") from None
-    _validate(cfg)
+    if (problem := next(config_rules.problems(cfg), None)) is not None:
+        raise ConfigError(problem)
     return cfg
 
 

@@ -189,10 +189,10 @@ def model_and_tokenizer(init_from: str, out_dir: str = "out") -> Loaded:
             storage.is_gcs(init_from) or Path(init_from).is_dir()):
         model = hf.load(init_from)
         return Loaded(model, tokenizer.get("gpt2"))
-    from nanojaxgpt import checkpoint, data  # a run directory written by train.py
+    from nanojaxgpt import data, saved  # a run directory written by train.py
 
-    model = checkpoint.load_model(init_from)
-    run_config = checkpoint.read_config(init_from)
+    model = saved.load_model(init_from)
+    run_config = saved.read_config(init_from)
     return Loaded(model, data.tokenizer(run_config.data.data_dir), run_config)
 
 

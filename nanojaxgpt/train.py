@@ -22,7 +22,7 @@ from jaxtyping import PyTree
 
 from nanojaxgpt import checkpoint, completion, config, data, distributed, hellaswag, metrics, sharding, storage
 from nanojaxgpt import model as gpt
-from nanojaxgpt import compile_cache, failfast, program, resume, runlock
+from nanojaxgpt import compile_cache, failfast, program, resume, runlock, saved
 from nanojaxgpt.cli import hard_exit, one_line, run_command
 from nanojaxgpt.feed import Feed
 from nanojaxgpt.preemption import Preemption, exit_during_startup
@@ -55,7 +55,7 @@ def model_origin(cfg: config.Config, meta: data.Meta, *, resuming: bool
             cfg = config.replace(cfg, {"model.vocab_size": meta.vocab_size})
         return cfg, None
     if resuming:
-        arch = checkpoint.read_config(cfg.train.out_dir).model
+        arch = saved.read_config(cfg.train.out_dir).model
     else:
         from nanojaxgpt import hf
 

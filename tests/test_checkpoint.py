@@ -23,7 +23,7 @@ import pytest
 from etils import epath
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from nanojaxgpt import checkpoint
+from nanojaxgpt import checkpoint, saved
 from nanojaxgpt.config import CheckpointConfig, Config, ModelConfig
 from tools.gcs_server import GCSServer
 from tools import inspect_checkpoint
@@ -110,7 +110,7 @@ def test_round_trip_is_bitwise(tmp_path):
     assert_bitwise_equal(r.state, state)
     assert isinstance(r.state["model"], TinyNet) and r.state["model"].n_layer == 2
     assert jax.tree.structure(r.state["opt_state"]) == jax.tree.structure(state["opt_state"])
-    assert checkpoint.read_config(str(tmp_path)) == CFG
+    assert saved.read_config(str(tmp_path)) == CFG
 
 
 def test_restore_onto_other_meshes(tmp_path):
@@ -339,17 +339,17 @@ def test_gcs_round_trip_and_load_model(gcs):
         r = ck.restore(abstract_of(state))
     assert r.step == 5 and r.config == json.loads(CFG.to_json())
     assert_bitwise_equal(r.state, state)
-    assert checkpoint.read_config(run) == CFG
-    model = checkpoint.load_model(run, abstract=abstract_tiny)
+    assert saved.read_config(run) == CFG
+    model = saved.load_model(run, abstract=abstract_tiny)
     assert isinstance(model, TinyNet) and model.n_layer == 2
     assert_bitwise_equal(eqx.filter(model, eqx.is_array), state["model"])
 
 
 def test_read_config_and_load_model_errors(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
-        checkpoint.read_config(str(tmp_path / "missing"))
+        saved.read_config(str(tmp_path / "missing"))
     with pytest.raises(checkpoint.CheckpointError, match="holds no checkpoints"):
-        checkpoint.load_model(str(tmp_path), abstract=abstract_tiny)
+        saved.load_model(str(tmp_path), abstract=abstract_tiny)
 
 
 def test_load_model_builds_the_real_gpt(tmp_path):
@@ -367,7 +367,7 @@ def test_load_model_builds_the_real_gpt(tmp_path):
              "step": jnp.int32(1)}
     with checkpoint.Checkpointer(str(tmp_path), CheckpointConfig()) as ck:
         save(ck, 1, state)
-    loaded = checkpoint.load_model(str(tmp_path))
+    loaded = saved.load_model(str(tmp_path))
     assert isinstance(loaded, GPT) and loaded.config == CFG.model
     assert_bitwise_equal(eqx.filter(loaded, eqx.is_array), params)
     assert all(x.sharding.device_set == {jax.devices()[0]}
