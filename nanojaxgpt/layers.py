@@ -1,7 +1,7 @@
 """The parameter-holding building blocks of the GPT: Linear, Embedding, LayerNorm, RMSNorm, dropout.
 
 Each layer declares the logical axis names of every parameter in a static field next to it
-(`weight_axes` beside `weight`); `model.logical_axes` reads them, and the lead's sharding table maps
+(`weight_axes` beside `weight`); `model.logical_axes` reads them, and sharding.py's one table maps
 the names to mesh axes. Parameters are float32; each layer computes in the dtype it is given.
 """
 

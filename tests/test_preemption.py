@@ -45,7 +45,7 @@ for step in range(10**9):
     if step == 50:
         print("ready", flush=True)
     if preemption.should_stop(step):
-        # the lead's loop saves the checkpoint of `step` here, waits for it, and exits 0
+        # the training loop saves the checkpoint of `step` here, waits for it, and exits 0
         print(f"stopped at step {step} signal={preemption.requested}", flush=True)
         break
     time.sleep(0.01 * (1 + topology.process_index))  # hosts at different paces, like real ones
