@@ -99,6 +99,8 @@ class Report:
     fits: bool
     headroom: float  # 1 - per_chip / hbm
     collective_gib: dict  # executed per chip per step, by kind
+    slices: int
+    cross_slice_gib: dict  # the part of it between slices, over the data-centre network
     flops_per_chip: float  # matmul FLOPs executed per chip per step (compiled HLO, loops counted)
     model_flops_per_chip: float  # 6N + 12LET per token, the MFU numerator
     hbm_traffic_gib: float
@@ -171,10 +173,16 @@ def report(cfg: Config, topo: topology.Topology, hlo_file: str | None = None) ->
     chip = topo.chip
     model_flops = gpt.flops_per_token(cfg.model) * tokens / chips
     coll = {k: v / GIB for k, v in sorted(run.collective_bytes.items())}
-    # A ring all-reduce moves each byte twice (reduce-scatter, then all-gather); the others once.
-    wire = sum(b * (2 if k == "all-reduce" else 1) for k, b in run.collective_bytes.items())
+    cross = {k: v / GIB for k, v in sorted(run.cross_slice_bytes.items())}
+
+    def wire(by_kind: dict[str, float]) -> float:
+        # A ring all-reduce moves each byte twice (reduce-scatter, then all-gather); others once.
+        return sum(b * (2 if k == "all-reduce" else 1) for k, b in by_kind.items())
+
     compute_s, memory_s = run.flops / chip.peak_flops, run.hbm_bytes / chip.hbm_bytes_per_s
-    collective_s = wire / chip.ici_bytes_per_s
+    dcn = wire(run.cross_slice_bytes)
+    collective_s = ((wire(run.collective_bytes) - dcn) / chip.ici_bytes_per_s
+                    + dcn / topo.dcn_bytes_per_s)
     roofline = max(compute_s, memory_s, collective_s)
     notes = []
     if run.unknown_loops:
@@ -182,14 +190,17 @@ def report(cfg: Config, topo: topology.Topology, hlo_file: str | None = None) ->
     if run.custom_calls:
         notes.append("FLOPs of custom kernels not counted: " + ", ".join(run.custom_calls))
     if topo.num_slices > 1:
-        notes.append("collectives timed at ICI speed; those across slices run over DCN")
+        notes.append(f"collectives across slices timed at the DCN's {topo.dcn_bytes_per_s / 1e9:g} "
+                     "GB/s per chip, the rest at ICI speed")
     if topo.platform == "cuda":
         notes.append("XLA:GPU compile-only reports no HBM overflow: fits = total <= HBM")
     return Report(
         topology=topo.name, chip=chip.name, chips=chips, mesh=dict(mesh.shape), seq_per_chip=seq,
         tokens_per_step=tokens, argument_gib=arg / GIB, temp_gib=temp / GIB, output_gib=out / GIB,
         per_chip_gib=total, hbm_gib=chip.hbm_gib, fits=total <= chip.hbm_gib,
-        headroom=1 - total / chip.hbm_gib, collective_gib=coll, flops_per_chip=run.flops,
+        headroom=1 - total / chip.hbm_gib, collective_gib=coll, slices=topo.num_slices,
+        cross_slice_gib=cross,
+        flops_per_chip=run.flops,
         model_flops_per_chip=model_flops, hbm_traffic_gib=run.hbm_bytes / GIB,
         compute_s=compute_s, memory_s=memory_s, collective_s=collective_s, roofline_s=roofline,
         mfu=model_flops / (roofline * chip.peak_flops) if roofline > 0 else math.nan,
@@ -205,6 +216,9 @@ def format_report(r: Report) -> str:
         f"outputs {r.output_gib:.2f} = {r.per_chip_gib:.2f} of {r.hbm_gib} GiB HBM "
         f"({'fits' if r.fits else 'DOES NOT FIT'}, {100 * r.headroom:.0f}% headroom)",
         f"  collectives per chip per step (GiB): {coll}",
+        *([f"  of which between the {r.slices} slices (DCN): "
+           + (", ".join(f"{k} {v:.2f}" for k, v in r.cross_slice_gib.items()) or "none")]
+          if r.slices > 1 else []),
         f"  FLOPs per chip per step: {r.flops_per_chip:.3e} executed (matmuls), "
         f"{r.model_flops_per_chip:.3e} model (6N + 12LET)",
         f"  roofline step: {1e3 * r.roofline_s:.1f} ms = max(compute {1e3 * r.compute_s:.1f}, "

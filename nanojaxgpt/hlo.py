@@ -30,6 +30,9 @@ _CALLED = re.compile(r"(calls|to_apply|body|condition|branch_computations|called
 # Custom calls that are compute kernels XLA cannot see into (Pallas/Mosaic, cuDNN, Triton);
 # others (AllocateBuffer, sharding markers) compute nothing.
 _KERNEL = re.compile(r"tpu_custom_call|cudnn|triton|mosaic", re.IGNORECASE)
+# Multislice: XLA:TPU compiles one slice's program and sends what crosses slices to the host's
+# DCN runtime, as `send` ops tagged with the collective they are part of.
+_MEGASCALE = re.compile(r'_xla_megascale_transfer_type="(\w+)"')
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
                "ragged-all-to-all")
 # No data moves for these (or it is counted where it is used).
@@ -322,6 +325,7 @@ class Executed:
     flops: float  # matmul FLOPs (dots and convolutions), loops counted by their trips
     collective_bytes: dict[str, float]  # by kind: the larger of an op's input and output
     collective_counts: dict[str, float]
+    cross_slice_bytes: dict[str, float]  # of collective_bytes, what goes between slices (DCN)
     hbm_bytes: float
     unknown_loops: list[str]  # while loops whose trip count could not be read (counted once)
     custom_calls: list[str]  # kernels whose FLOPs are not counted (Pallas, cuDNN)
@@ -333,6 +337,7 @@ def analyze(text: str) -> Executed:
     flops, hbm = 0.0, 0.0
     coll_b: dict[str, float] = defaultdict(float)
     coll_n: dict[str, float] = defaultdict(float)
+    cross: dict[str, float] = defaultdict(float)
     kernels = set()
     for comp in comps.values():
         m = mult.get(comp.name, 0.0)
@@ -347,10 +352,17 @@ def analyze(text: str) -> Executed:
                 result = max((_BYTES[dt] * math.prod(d) for dt, d in arrays(ins.type)), default=0)
                 coll_b[kind] += m * max(operand, result)
                 coll_n[kind] += m
+            if ins.op == "send" and (dcn := _MEGASCALE.search(ins.attrs)):
+                kind = dcn.group(1).lower().replace("_", "-")  # ALL_REDUCE -> all-reduce
+                payload = next(iter(arrays(ins.type)), None)  # (data, context, token)
+                sent = _BYTES[payload[0]] * math.prod(payload[1]) if payload else 0
+                coll_b[kind] += m * sent
+                coll_n[kind] += m
+                cross[kind] += m * sent
             if ins.op == "custom-call":
                 target = re.search(r'custom_call_target="([^"]+)"', ins.attrs)
                 if target and _KERNEL.search(target.group(1)):
                     kernels.add(target.group(1))
             if not comp.fused and ins.op not in _NO_TRAFFIC and not ins.op.endswith("-done"):
                 hbm += m * _traffic(ins, shapes, comps)
-    return Executed(flops, dict(coll_b), dict(coll_n), hbm, unknown, sorted(kernels))
+    return Executed(flops, dict(coll_b), dict(coll_n), dict(cross), hbm, unknown, sorted(kernels))

@@ -41,7 +41,8 @@ class Topology:
     chip_config: str = "default"  # "megacore" for v4/v5p: two TensorCores as one device
     chips_per_host: tuple[int, int, int] = (2, 2, 1)
     num_slices: int = 1
-    dcn_bytes_per_s: float = 25e9  # between slices, per chip (a 200 Gbit/s NIC per host of 4)
+    # Between slices, per chip: an assumed 200 Gbit/s NIC per host, shared by its 4 chips.
+    dcn_bytes_per_s: float = 200e9 / 8 / 4
 
 
 V4 = Chip("TPU v4", 275e12, 30.75, 1.2e12, 2400e9 / 8)

@@ -9,6 +9,7 @@ lists (about 40 minutes here).
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -75,6 +76,28 @@ def test_hlo_counts_a_loop_by_its_counter_step():
     run = hlo.analyze(_STEP_2_LOOP)
     assert run.flops == 4 * 2 * 4 * 4 * 4 and run.unknown_loops == []
     assert hlo.analyze(_STEP_2_LOOP.replace("constant(2)", "constant(1)")).flops == 8 * 2 * 4 * 4 * 4
+
+
+# Multislice, as XLA:TPU compiles it: one slice's program; what crosses slices is a `send` to the
+# host's DCN runtime, tagged with its collective (the gradient shard's all-reduce here).
+_TWO_SLICES = """HloModule m
+ENTRY %main (g: f32[40,8,128]) -> f32[40,8,128] {
+  %g = f32[40,8,128] parameter(0)
+  %t = token[] after-all()
+  %s = (f32[40,8,128], u32[], token[]) send(%g, %t), channel_id=10, is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime",_xla_megascale_reduce_operation="SUM",_xla_megascale_transfer_type="ALL_REDUCE"}
+  %r = (f32[40,8,128], u32[], token[]) recv(%t), channel_id=11, is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime",_xla_megascale_transfer_type="ALL_REDUCE"}
+  %ag = f32[160,8,128] all-gather(%g), channel_id=1, replica_groups=[4,4]<=[16], dimensions={0}
+  ROOT %out = f32[40,8,128] get-tuple-element(%r), index=0
+}
+"""
+
+
+def test_hlo_counts_what_crosses_slices_once():
+    run = hlo.analyze(_TWO_SLICES)
+    shard = 4 * 40 * 8 * 128
+    assert run.cross_slice_bytes == {"all-reduce": shard}  # the send; its recv is the same bytes
+    assert run.collective_bytes == {"all-reduce": shard, "all-gather": 4 * shard}
+    assert hlo.analyze(_STEP_2_LOOP).cross_slice_bytes == {}
 
 
 @pytest.mark.timeout(300)
@@ -158,3 +181,10 @@ def test_two_slices_span_the_data_axis_and_fit(tmp_path):
     proc, r = aot("gpt2_124m.toml", "v5e-16x2", "--mesh.data=2", "--mesh.fsdp=-1", tmp_path=tmp_path)
     check_fits(proc, r)
     assert r["seq_per_chip"] == 3, proc.stdout
+    # What crosses the slices: each chip's shard of the gradients, once per step (124M float32
+    # parameters over 16 chips, 0.029 GiB), and a few activations; the weights' all-gathers stay
+    # inside a slice.
+    dcn = r["cross_slice_gib"]
+    assert 0.5 * 0.029 <= dcn["all-reduce"] <= 1.5 * 0.029, proc.stdout
+    assert sum(dcn.values()) <= 0.05 * sum(r["collective_gib"].values()), proc.stdout
+    assert re.search(r"of which between the 2 slices \(DCN\): .*all-reduce 0\.0[34]", proc.stdout), proc.stdout
