@@ -76,6 +76,9 @@ class MeshConfig:
 @dataclass(frozen=True)
 class DataConfig:
     data_dir: str = "data/shakespeare_char"  # local path or gs://; written by tools/prepare_*.py
+    # A read of data (meta.json, the evaluation sets, a step's batch) still waiting after this long
+    # is an error that stops the run (and every host), not a silent hang on unreachable storage.
+    read_timeout_s: float = 120.0
 
 
 @dataclass(frozen=True)

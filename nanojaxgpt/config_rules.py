@@ -26,6 +26,7 @@ def problems(cfg: Config) -> Iterator[str]:
                 "train.eval_interval": t.eval_interval, "train.eval_iters": t.eval_iters,
                 "train.log_interval": t.log_interval, "train.profile_steps": t.profile_steps,
                 "optim.learning_rate": o.learning_rate,
+                "data.read_timeout_s": cfg.data.read_timeout_s,
                 "checkpoint.checkpoint_interval": c.checkpoint_interval,
                 "checkpoint.keep_checkpoints": c.keep_checkpoints,
                 "checkpoint.save_timeout_s": c.save_timeout_s,

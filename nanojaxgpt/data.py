@@ -23,9 +23,11 @@ import dataclasses
 import hashlib
 import json
 import sys
-from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import grain
 import numpy as np
@@ -35,6 +37,7 @@ from nanojaxgpt import storage
 from nanojaxgpt import tokenizer as tokenizers
 
 META = "meta.json"
+T = TypeVar("T")
 FORMAT = "nanojaxgpt-tokens-v1"
 
 
@@ -84,6 +87,28 @@ class Meta:
                   for name, s in d.pop("splits").items()}
         itos = d.pop("itos", None)
         return cls(**d, splits=splits, itos=tuple(itos) if itos is not None else None)
+
+
+def within(seconds: float, what: str, read: Callable[[], T]) -> T:
+    """read(), on a daemon thread, or a DataError once it has waited `seconds` (the storage is
+    unreachable or stalled). A stalled read stays behind in its thread; the run stops."""
+    result: Future = Future()
+
+    def run() -> None:
+        try:
+            result.set_result(read())
+        except BaseException as e:  # noqa: BLE001 - handed to the caller, which re-raises it
+            result.set_exception(e)
+
+    threading.Thread(target=run, daemon=True, name="nanojaxgpt-read-within").start()
+    try:
+        return result.result(timeout=seconds)
+    except TimeoutError:
+        if result.done():  # the read itself raised it
+            raise
+        raise DataError(f"{what} took more than {seconds:g} s (data.read_timeout_s): the storage "
+                        "is unreachable or stalled from this host; check that it can read there, "
+                        "or raise the timeout") from None
 
 
 def prepare_command(data_dir: str, tokenizer: str | None = None) -> str:

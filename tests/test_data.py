@@ -169,3 +169,19 @@ def test_gcs_reads_equal_local(gcs, shakespeare_text, tmp_path):
     assert data.tokenizer(out).vocab_size == data.read_meta(tmp_path).vocab_size
     with pytest.raises(data.DataError, match=f"{gcs}/nothing/meta.json does not exist"):
         data.read_meta(f"{gcs}/nothing")
+
+
+def test_within_bounds_a_stalled_read():
+    import threading
+    import time
+
+    assert data.within(5.0, "reading x", lambda: 7) == 7
+    with pytest.raises(data.DataError, match="no such shard"):
+        data.within(5.0, "reading x", lambda: (_ for _ in ()).throw(data.DataError("no such shard")))
+    release = threading.Event()
+    t0 = time.monotonic()
+    with pytest.raises(data.DataError, match=r"reading gs://b/d/meta.json took more than 0.3 s "
+                                             r"\(data.read_timeout_s\)"):
+        data.within(0.3, "reading gs://b/d/meta.json", lambda: release.wait(30))
+    assert time.monotonic() - t0 < 5
+    release.set()

@@ -23,6 +23,7 @@ import pytest
 from nanojaxgpt import checkpoint, config, prepare, train
 from tests import multihost_runs as mr
 from tools.gcs_server import GCSServer
+from tools.latency_proxy import LatencyProxy
 from tests.conftest import shakespeare
 
 TOLERANCE = dict(rtol=2e-5, atol=2e-5)  # float32: another mesh sums in another order
@@ -295,4 +296,26 @@ def test_an_error_on_one_host_stops_every_host_within_seconds(data_dir, bucket, 
     assert "Traceback" not in failing.output
     assert waiting.returncode == 1, waiting.output[-3000:]
     assert error in waiting.output and "(process 1 failed first; process 0 stops too)" in waiting.output
+    assert waiting.elapsed_s - failing.elapsed_s < 15, (waiting.elapsed_s, failing.elapsed_s)
+
+
+@pytest.mark.timeout(150)
+def test_a_host_whose_data_endpoint_stalls_stops_every_host(data_dir, bucket, gcs_server, gcs_env,
+                                                            tmp_path):
+    """Process 1 reaches its record data (array_record's GCS client) through a proxy that holds
+    every request for 10 minutes: storage that answers nothing. Its read of the evaluation set is
+    an error after data.read_timeout_s, naming what it read; process 0 then stops too, naming it."""
+    stalled = LatencyProxy(target_port=gcs_server.port, delay_s=600)
+    try:
+        with mr.launch(data_dir, f"{bucket}/one-host-stalls", "--data.read_timeout_s=5",
+                       reads_dir=tmp_path, env=gcs_env, processes=2, devices=2,
+                       per_process=[{}, {"CLOUD_STORAGE_EMULATOR_ENDPOINT": stalled.url}]) as job:
+            results = job.wait(timeout=120)
+    finally:
+        stalled.stop()
+    failing, waiting = results[1], results[0]
+    error = f"error: reading the train evaluation set from {data_dir} took more than 5 s"
+    assert failing.returncode == 2 and error in failing.output, failing.output[-3000:]
+    assert waiting.returncode == 1, waiting.output[-3000:]
+    assert "(process 1 failed first; process 0 stops too)" in waiting.output, waiting.output[-3000:]
     assert waiting.elapsed_s - failing.elapsed_s < 15, (waiting.elapsed_s, failing.elapsed_s)
