@@ -3,7 +3,8 @@
 
 $FAKE_GCLOUD_DIR holds scenario.json, state.json (the slice now) and calls.jsonl (one call a line).
 scenario: {"boot": describes that answer CREATING after a create, "workers": hosts per slice,
-"runs": [{"after": describes after a training start, "then": "preempt" | "delete" | "exit N" | "done"}]}
+"runs": [{"after": describes after a training start,
+          "then": "preempt" | "delete" | "unhealthy" | "exit N" | "done"}]}
 The i-th training start meets runs[i]; once the runs are used up, training keeps running.
 """
 
@@ -41,7 +42,7 @@ def handle(args: list[str], scenario: dict, st: dict) -> int:
         if st["exists"]:
             print("ERROR: ALREADY_EXISTS", file=sys.stderr)
             return 1
-        st.update(exists=True, state="CREATING", creating=scenario.get("boot", 1))
+        st.update(exists=True, state="CREATING", creating=scenario.get("boot", 1), health="HEALTHY")
         return 0
     if verb == "delete":
         st.update(exists=False, state="")
@@ -60,6 +61,8 @@ def handle(args: list[str], scenario: dict, st: dict) -> int:
                     st["state"] = "SUSPENDED" if queued else "PREEMPTED"
                 elif then == "delete":
                     st.update(exists=False, state="")
+                elif then == "unhealthy":  # READY, but a host is under maintenance
+                    st["health"] = "UNHEALTHY_MAINTENANCE"
                 elif then.startswith("exit "):
                     st["rc"] = int(then.split()[1])
                 elif then == "done":
@@ -71,7 +74,7 @@ def handle(args: list[str], scenario: dict, st: dict) -> int:
             state = {"READY": "ACTIVE", "CREATING": "PROVISIONING"}.get(st["state"], st["state"])
             print(json.dumps({"state": {"state": state}}))
         else:
-            print(json.dumps({"state": st["state"], "health": "HEALTHY"}))
+            print(json.dumps({"state": st["state"], "health": st.get("health", "HEALTHY")}))
         return 0
     if verb in ("ssh", "scp"):
         if not st["exists"] or st["state"] != "READY":

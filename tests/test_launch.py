@@ -67,6 +67,18 @@ def test_spot_slice_preempted_twice_and_deleted_once_comes_back_until_done(tmp_p
         "stopped after 3 restarts: gs://b/runs/x/DONE exists: the run is complete")
 
 
+def test_an_unhealthy_slice_is_replaced(tmp_path):
+    """READY with a health other than HEALTHY (a host under maintenance): the slice is deleted and
+    created again, and the same command resumes on it."""
+    runs = [{"after": 1, "then": "unhealthy"}, {"after": 1, "then": "done"}]
+    code, log, calls = supervise(tmp_path, {"runs": runs}, "--name=gpt2", "--zone=z")
+    assert code == 0, log
+    assert "slice gpt2 is UNHEALTHY" in log
+    assert len(verbs(calls, "delete")) == 1 and len(verbs(calls, "create")) == 2
+    commands = starts(calls)
+    assert len(commands) == 2 and len(set(commands)) == 1
+
+
 def test_training_that_keeps_failing_gives_up_after_the_retry_limit(tmp_path):
     runs = [{"after": 1, "then": "exit 1"}] * 10
     code, log, calls = supervise(tmp_path, {"runs": runs}, "--name=gpt2", "--zone=z",
