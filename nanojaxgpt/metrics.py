@@ -56,8 +56,14 @@ class MetricsError(RuntimeError):
 class _Uploader:
     """Background thread: copy closed local event files to gs://bucket/prefix/, each once."""
 
-    def __init__(self, gs_dir: str, local_dir: str) -> None:
+    def __init__(self, gs_dir: str, local_dir: str, timeout_s: float) -> None:
+        from google.cloud.storage.retry import DEFAULT_RETRY
+
         path = storage.GCSPath.parse(gs_dir)
+        # Each upload, retries included, gives up after timeout_s: a stalled bucket is an error
+        # (raised in the training thread), not a flush that never returns.
+        self._timeout_s = timeout_s
+        self._retry = DEFAULT_RETRY.with_timeout(timeout_s)
         self.gs_dir = gs_dir.rstrip("/")
         self.local_dir = local_dir
         self._prefix = path.child("")  # "prefix/" or "" at the bucket's root
@@ -88,7 +94,7 @@ class _Uploader:
                     size = os.path.getsize(path)
                     # if_generation_match=0: create only, which also makes the upload safe to retry.
                     self._bucket.blob(self._prefix + os.path.basename(path)).upload_from_filename(
-                        path, if_generation_match=0)
+                        path, if_generation_match=0, timeout=self._timeout_s, retry=self._retry)
                     os.remove(path)
                     self.uploaded_bytes += size
                     self.uploaded_files += 1
@@ -118,7 +124,7 @@ class Metrics:
     """TensorBoard writer for one run directory (local or gs://); a no-op where not enabled."""
 
     def __init__(self, log_dir: str, *, enabled: bool, resume_step: int | None = None,
-                 upload_interval_s: float = 60.0) -> None:
+                 upload_interval_s: float = 60.0, upload_timeout_s: float = 120.0) -> None:
         self.enabled = enabled
         self.log_dir = log_dir
         if not enabled:
@@ -126,7 +132,7 @@ class Metrics:
         self._uploader = None
         if storage.is_gcs(log_dir):
             self._dir = tempfile.mkdtemp(prefix="nanojaxgpt-tensorboard-")
-            self._uploader = _Uploader(log_dir, self._dir)
+            self._uploader = _Uploader(log_dir, self._dir, upload_timeout_s)
             existing = self._uploader.existing_names()
         else:
             self._dir = log_dir

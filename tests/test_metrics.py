@@ -171,6 +171,41 @@ def test_upload_error_surfaces_on_next_call(gcs):
         m.close()
 
 
+_STALLED_UPLOAD = """
+import sys, time
+from nanojaxgpt import metrics
+m = metrics.Metrics(sys.argv[1], enabled=True, upload_timeout_s=1.0)
+m.scalars(1, {"train/loss": 1.0})
+t0 = time.monotonic()
+try:
+    m.flush(wait=True)
+except metrics.MetricsError as e:
+    print(f"{time.monotonic() - t0:.1f}", e)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_stalled_upload_is_an_error_within_its_timeout(gcs, gcs_server):
+    """Storage that takes 3 s to answer each request: the listing at start waits (the library's
+    own 60 s bound), the upload gives up after upload_timeout_s=1, retries included."""
+    import os
+
+    from tools.latency_proxy import LatencyProxy
+
+    slow = LatencyProxy(target_port=gcs_server.port, delay_s=3.0)
+    try:
+        env = {**os.environ, **{k: v.replace(gcs_server.url, slow.url)
+                                for k, v in gcs_server.env().items()}}
+        out = subprocess.run([sys.executable, "-c", _STALLED_UPLOAD, f"{gcs}/tb"], env=env,
+                             capture_output=True, text=True, timeout=100)
+    finally:
+        slow.stop()
+    assert out.returncode == 0, out.stderr[-3000:]
+    seconds, message = out.stdout.split(" ", 1)
+    assert f"uploading TensorBoard events to {gcs}/tb failed" in message, out.stdout
+    assert float(seconds) < 10, out.stdout
+
+
 def test_disabled_writes_nothing(tmp_path):
     m = metrics.Metrics(str(tmp_path / "tb"), enabled=False, resume_step=3)
     m.scalars(1, {"train/loss": 1.0})
