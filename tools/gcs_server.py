@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import subprocess
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -30,14 +32,16 @@ def free_port() -> int:
 
 
 class GCSServer:
-    def __init__(self) -> None:
+    """log_requests: keep an access log of every request, read back by requests()."""
+
+    def __init__(self, log_requests: bool = False) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = tempfile.NamedTemporaryFile(prefix="fake-gcs-", suffix=".log", delete=False)
         self._proc = subprocess.Popen(
             [str(_binary()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
              "-backend", "memory", "-external-url", self.url, "-public-host",
-             f"127.0.0.1:{self.port}", "-log-level", "error"],
+             f"127.0.0.1:{self.port}", "-log-level", "info" if log_requests else "error"],
             stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.time() + 10
         while True:
@@ -58,6 +62,17 @@ class GCSServer:
             "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
             "GOOGLE_CLOUD_PROJECT": "test-project",
         }
+
+    def requests(self) -> list[tuple[str, str, dict[str, str]]]:
+        """(method, object path, query) of every request so far, with log_requests; the path is
+        the URL's, decoded: /storage/v1/b/BUCKET/o/NAME, /download/storage/v1/b/BUCKET/o/NAME."""
+        self._log.flush()
+        out = []
+        for m in re.finditer(r'\\"(\w+) (\S+) HTTP/', Path(self._log.name).read_text()):
+            url = urllib.parse.urlsplit(m.group(2))
+            query = dict(urllib.parse.parse_qsl(url.query, keep_blank_values=True))
+            out.append((m.group(1), urllib.parse.unquote(url.path), query))
+        return out
 
     def create_bucket(self, name: str) -> str:
         req = urllib.request.Request(f"{self.url}/storage/v1/b?project=test-project",
