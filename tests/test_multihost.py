@@ -290,12 +290,18 @@ def test_an_error_on_one_host_stops_every_host_within_seconds(data_dir, bucket, 
             results = job.wait(timeout=120)
     finally:
         other.stop()
+    _only_process_1_failed(results, f"error: no prepared data in {data_dir}: ")
+
+
+def _only_process_1_failed(results: list, error: str) -> None:
+    """Process 1 exited 2 with `error`, no traceback; process 0 exited 1 within 15 s of it, with
+    process 1's error and its index."""
     failing, waiting = results[1], results[0]
-    error = f"error: no prepared data in {data_dir}: "
     assert failing.returncode == 2 and error in failing.output, failing.output[-3000:]
     assert "Traceback" not in failing.output
     assert waiting.returncode == 1, waiting.output[-3000:]
-    assert error in waiting.output and "(process 1 failed first; process 0 stops too)" in waiting.output
+    assert error in waiting.output, waiting.output[-3000:]
+    assert "(process 1 failed first; process 0 stops too)" in waiting.output, waiting.output[-3000:]
     assert waiting.elapsed_s - failing.elapsed_s < 15, (waiting.elapsed_s, failing.elapsed_s)
 
 
@@ -313,9 +319,5 @@ def test_a_host_whose_data_endpoint_stalls_stops_every_host(data_dir, bucket, gc
             results = job.wait(timeout=120)
     finally:
         stalled.stop()
-    failing, waiting = results[1], results[0]
-    error = f"error: reading the train evaluation set from {data_dir} took more than 5 s"
-    assert failing.returncode == 2 and error in failing.output, failing.output[-3000:]
-    assert waiting.returncode == 1, waiting.output[-3000:]
-    assert "(process 1 failed first; process 0 stops too)" in waiting.output, waiting.output[-3000:]
-    assert waiting.elapsed_s - failing.elapsed_s < 15, (waiting.elapsed_s, failing.elapsed_s)
+    _only_process_1_failed(
+        results, f"error: reading the train evaluation set from {data_dir} took more than 5 s")
