@@ -76,8 +76,8 @@ class MeshConfig:
 @dataclass(frozen=True)
 class DataConfig:
     data_dir: str = "data/shakespeare_char"  # local path or gs://; written by tools/prepare_*.py
-    # A read of data (meta.json, the evaluation sets, a step's batch) still waiting after this long
-    # is an error that stops the run (and every host), not a silent hang on unreachable storage.
+    # A read of gs:// token records (the evaluation sets, a step's batch) still waiting after this
+    # long is an error that stops the run (and every host), not a silent hang on stalled storage.
     read_timeout_s: float = 120.0
 
 

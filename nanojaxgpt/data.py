@@ -23,11 +23,9 @@ import dataclasses
 import hashlib
 import json
 import sys
-import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
 
 import grain
 import numpy as np
@@ -37,7 +35,6 @@ from nanojaxgpt import storage
 from nanojaxgpt import tokenizer as tokenizers
 
 META = "meta.json"
-T = TypeVar("T")
 FORMAT = "nanojaxgpt-tokens-v1"
 
 
@@ -89,28 +86,6 @@ class Meta:
         return cls(**d, splits=splits, itos=tuple(itos) if itos is not None else None)
 
 
-def within(seconds: float, what: str, read: Callable[[], T]) -> T:
-    """read(), on a daemon thread, or a DataError once it has waited `seconds` (the storage is
-    unreachable or stalled). A stalled read stays behind in its thread; the run stops."""
-    result: Future = Future()
-
-    def run() -> None:
-        try:
-            result.set_result(read())
-        except BaseException as e:  # noqa: BLE001 - handed to the caller, which re-raises it
-            result.set_exception(e)
-
-    threading.Thread(target=run, daemon=True, name="nanojaxgpt-read-within").start()
-    try:
-        return result.result(timeout=seconds)
-    except TimeoutError:
-        if result.done():  # the read itself raised it
-            raise
-        raise DataError(f"{what} took more than {seconds:g} s (data.read_timeout_s): the storage "
-                        "is unreachable or stalled from this host; check that it can read there, "
-                        "or raise the timeout") from None
-
-
 def prepare_command(data_dir: str, tokenizer: str | None = None) -> str:
     """The command that (re)creates `data_dir`: by the tokenizer its meta.json names, else by its
     folder name (char-level data comes from prepare_shakespeare_char.py, whatever the text)."""
@@ -155,11 +130,12 @@ class Tokens:
     Records are read one by one through grain's ArrayRecordDataSource (its batched __getitems__
     starts a thread pool per call: most of a step's time on local files). Local records are read
     in the calling thread; on gs:// every record is an HTTP round trip, so they are requested from
-    `io_threads` long-lived threads at once.
+    `io_threads` long-lived threads at once, and a call still waiting for them after
+    `read_timeout_s` is a DataError (array_record's GCS client has no timeout of its own).
     """
 
     def __init__(self, data_dir: str | Path, split: str, meta: Meta | None = None,
-                 io_threads: int | None = None):
+                 io_threads: int | None = None, read_timeout_s: float | None = None):
         self.data_dir = str(data_dir)
         self.meta = meta or read_meta(data_dir)
         if split not in self.meta.splits:
@@ -181,6 +157,7 @@ class Tokens:
         if io_threads is None:
             io_threads = 64 if storage.is_gcs(self.data_dir) else 0  # each waits a round trip
         self._pool = ThreadPoolExecutor(io_threads, "nanojaxgpt-read") if io_threads > 0 else None
+        self._timeout_s = read_timeout_s
 
     def windows(self, offsets: Int[np.ndarray, " n"], length: int) -> Int[np.ndarray, "n length"]:
         """int32 [len(offsets), length]: the tokens stream[o : o + length] for each offset o."""
@@ -214,7 +191,12 @@ class Tokens:
             if self._pool is None:
                 raw = [self._source[k] for k in keys.tolist()]
             else:
-                raw = list(self._pool.map(self._source.__getitem__, keys.tolist()))
+                raw = list(self._pool.map(self._source.__getitem__, keys.tolist(),
+                                          timeout=self._timeout_s))
+        except TimeoutError:  # the reads stay behind in the pool's threads; the run stops
+            raise DataError(f"reading {self._shard_of(keys)} took more than {self._timeout_s:g} s "
+                            "(data.read_timeout_s): the storage is unreachable or stalled from "
+                            "this host; check that it can read there, or raise the timeout") from None
         except RuntimeError as e:  # Riegeli: "Corrupted Riegeli/records file: ... hash mismatch"
             raise DataError(f"{self._shard_of(keys)} cannot be read ({str(e).splitlines()[0][:200]}): "
                             "the file is damaged; copy it again or prepare the data again: "
@@ -268,10 +250,11 @@ class Batches:
     """
 
     def __init__(self, data_dir: str | Path, split: str, *, block_size: int, rows: int, seed: int,
-                 meta: Meta | None = None, io_threads: int | None = None):
+                 meta: Meta | None = None, io_threads: int | None = None,
+                 read_timeout_s: float | None = None):
         if block_size < 1 or rows < 1:
             raise ValueError(f"block_size={block_size} and rows={rows} must be positive")
-        self.tokens = Tokens(data_dir, split, meta, io_threads)
+        self.tokens = Tokens(data_dir, split, meta, io_threads, read_timeout_s)
         self.split, self.block_size, self.rows, self.seed = split, block_size, rows, seed
         self.window = block_size + 1
         # Offsets 0 .. n_tokens - block_size - 1, as nanoGPT's torch.randint(len(data) - block_size).

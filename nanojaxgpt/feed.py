@@ -6,9 +6,8 @@
 
 `make_batch(step)` must be a pure function of the step (data.Batches is): reading ahead never
 changes which batch a step gets, so a resumed run stays bitwise the same. A read that fails raises
-in `get` of its step, in the training thread, and so does one that is not done `timeout_s` after
-`get` began waiting for it (a DataError). Reads of gs:// data wait on the network; `depth` steps of
-them are in flight at once, each with its own record reads in parallel.
+in `get` of its step, in the training thread. Reads of gs:// data wait on the network; `depth`
+steps of them are in flight at once, each with its own record reads in parallel.
 """
 
 from __future__ import annotations
@@ -18,17 +17,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import jax
 
-from nanojaxgpt.data import DataError
-
 
 class Feed:
     def __init__(self, make_batch: Callable[[int], jax.Array], *, start: int, stop: int,
-                 depth: int = 4, threads: int = 2, timeout_s: float | None = None,
-                 source: str = "the data") -> None:
+                 depth: int = 4, threads: int = 2) -> None:
         if depth < 1 or threads < 1:
             raise ValueError(f"depth={depth} and threads={threads} must be >= 1")
         self._make, self._stop, self._depth = make_batch, stop, depth
-        self._timeout_s, self._source = timeout_s, source
         self._next = start  # the next step to submit
         self._futures: dict[int, Future] = {}
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="nanojaxgpt-feed")
@@ -44,16 +39,7 @@ class Feed:
         if step not in self._futures:
             raise KeyError(f"step {step} was not read ahead (next in order: {min(self._futures, default=self._next)})")
         self._fill(step + 1)
-        future = self._futures.pop(step)
-        try:
-            return future.result(timeout=self._timeout_s)
-        except TimeoutError:
-            if future.done():  # the read itself raised it
-                raise
-            raise DataError(
-                f"reading the batch of step {step} from {self._source} took more than "
-                f"{self._timeout_s:g} s (data.read_timeout_s): the storage is unreachable or "
-                "stalled from this host; check that it can read there, or raise the timeout") from None
+        return self._futures.pop(step).result()
 
     def close(self) -> None:
         """Drop what was read ahead (after the last step, or when the loop stops early)."""

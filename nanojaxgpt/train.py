@@ -94,14 +94,10 @@ def _eval_tokens(cfg: config.Config, meta: data.Meta, split: str, shape: tuple[i
                  batch_sh: NamedSharding) -> jax.Array:
     """The fixed evaluation set of a split: `shape` = eval_iters batches of batch_size windows,
     read as step 0 of a batch of eval_iters x batch_size rows (window index = row index)."""
-    d = cfg.data
-    batches = data.within(d.read_timeout_s, f"opening the {split} split of {d.data_dir}",
-                          lambda: data.Batches(d.data_dir, split, block_size=cfg.model.block_size,
-                                               rows=shape[0] * shape[1], seed=cfg.train.seed + 1,
-                                               meta=meta))
-    return sharding.host_local_array(shape, batch_sh, lambda rows: data.within(
-        d.read_timeout_s, f"reading the {split} evaluation set from {d.data_dir}",
-        lambda: batches.read(0, rows)))
+    batches = data.Batches(cfg.data.data_dir, split, block_size=cfg.model.block_size,
+                           rows=shape[0] * shape[1], seed=cfg.train.seed + 1, meta=meta,
+                           read_timeout_s=cfg.data.read_timeout_s)
+    return sharding.host_local_array(shape, batch_sh, lambda rows: batches.read(0, rows))
 
 
 class Diverged(RuntimeError):
@@ -146,8 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     failfast.watch()  # another host's error stops this one within seconds
     mesh = sharding.make_mesh(cfg.mesh)
     program.check(cfg, mesh)  # before the run lock: a bad batch size touches nothing
-    meta = data.within(cfg.data.read_timeout_s, f"reading {cfg.data.data_dir}/{data.META}",
-                       lambda: data.read_meta(cfg.data.data_dir))
+    meta = data.read_meta(cfg.data.data_dir)
     if not storage.bucket_exists(cfg.train.out_dir):  # every host stops here, before any collective
         raise config.ConfigError(
             f"out_dir {cfg.train.out_dir}: bucket gs://{storage.GCSPath.parse(cfg.train.out_dir).bucket} "
@@ -187,9 +182,8 @@ def _run(cfg: config.Config, topo: distributed.Topology, mesh: Mesh, meta: data.
         tb.close()
         return 0
 
-    batches = data.within(cfg.data.read_timeout_s, f"opening the train split of {cfg.data.data_dir}",
-                          lambda: data.Batches(cfg.data.data_dir, "train", block_size=m.block_size,
-                                               rows=rows, seed=t.seed, meta=meta))
+    batches = data.Batches(cfg.data.data_dir, "train", block_size=m.block_size, rows=rows,
+                           seed=t.seed, meta=meta, read_timeout_s=cfg.data.read_timeout_s)
 
     def global_batch(step: int) -> jax.Array:
         return sharding.host_local_array(prog.batch.shape, prog.batch_sharding,
@@ -197,8 +191,7 @@ def _run(cfg: config.Config, topo: distributed.Topology, mesh: Mesh, meta: data.
 
     remote = storage.is_gcs(cfg.data.data_dir)
     feed = Feed(global_batch, start=start, stop=t.max_iters,
-                depth=REMOTE_FEED_DEPTH if remote else LOCAL_FEED_DEPTH, threads=4 if remote else 2,
-                timeout_s=cfg.data.read_timeout_s, source=cfg.data.data_dir)
+                depth=REMOTE_FEED_DEPTH if remote else LOCAL_FEED_DEPTH, threads=4 if remote else 2)
     progress = Progress(start=start, max_iters=t.max_iters, tokens_per_step=rows * m.block_size,
                         flops_per_token=gpt.flops_per_token(m), n_devices=topo.global_device_count,
                         peak=peak_flops_per_device(jax.devices()[0]))

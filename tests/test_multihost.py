@@ -309,8 +309,9 @@ def _only_process_1_failed(results: list, error: str) -> None:
 def test_a_host_whose_data_endpoint_stalls_stops_every_host(data_dir, bucket, gcs_server, gcs_env,
                                                             tmp_path):
     """Process 1 reaches its record data (array_record's GCS client) through a proxy that holds
-    every request for 10 minutes: storage that answers nothing. Its read of the evaluation set is
-    an error after data.read_timeout_s, naming what it read; process 0 then stops too, naming it."""
+    every request for 10 minutes: storage that answers nothing. Its first record read (of the
+    evaluation set) is an error after data.read_timeout_s, naming the shard; process 0 then stops
+    too, naming it."""
     stalled = LatencyProxy(target_port=gcs_server.port, delay_s=600)
     try:
         with mr.launch(data_dir, f"{bucket}/one-host-stalls", "--data.read_timeout_s=5",
@@ -320,4 +321,5 @@ def test_a_host_whose_data_endpoint_stalls_stops_every_host(data_dir, bucket, gc
     finally:
         stalled.stop()
     _only_process_1_failed(
-        results, f"error: reading the train evaluation set from {data_dir} took more than 5 s")
+        results, f"error: reading shard {data_dir}/train-00000-of-00001.array_record took more "
+                 "than 5 s (data.read_timeout_s)")
