@@ -45,7 +45,8 @@ def kth_largest(logits: Float[Array, "B V"], k: int | Int[Array, ""]) -> Float[A
     """Each row's k-th largest value, exactly, by bisection on the bits of float32.
 
     lax.top_k sorts the row on XLA:CPU (a quarter of a GPT-2 decode step); 32 halvings of the
-    uint32 range, each one counting pass over the row, cost a twentieth of that (README: 'Measurements behind the code').
+    uint32 range, each one counting pass over the row, cost a twentieth of that (README:
+    'Measurements behind the code').
     """
     bits = jax.lax.bitcast_convert_type(logits, jnp.uint32)
     # An order-preserving map float32 -> uint32: negatives flip every bit, positives the sign bit.
@@ -191,8 +192,7 @@ def model_and_tokenizer(init_from: str, out_dir: str = "out") -> Loaded:
         return Loaded(model, tokenizer.get("gpt2"))
     from nanojaxgpt import data, saved  # a run directory written by train.py
 
-    model = saved.load_model(init_from)
-    run_config = saved.read_config(init_from)
+    model, run_config = saved.load_model(init_from)
     return Loaded(model, data.tokenizer(run_config.data.data_dir), run_config)
 
 

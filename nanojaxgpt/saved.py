@@ -53,8 +53,10 @@ def read_config(run_dir: str, step: int | None = None) -> Config:
 
 
 def load_model(run_dir: str, *, step: int | None = None,
-               abstract: Callable[[ModelConfig], eqx.Module] | None = None) -> eqx.Module:
-    """The model of a checkpoint (default: the latest) on one device, for sampling or export.
+               abstract: Callable[[ModelConfig], eqx.Module] | None = None
+               ) -> tuple[eqx.Module, Config]:
+    """The model of a checkpoint (default: the latest) on one device, for sampling or export,
+    and the run's config saved with it (read once, for both).
 
     Reads only the `model` subtree of the state: the optimizer moments (2/3 of it) stay on disk.
     `abstract(model_config)`: the module with its arrays as ShapeDtypeStructs (default:
@@ -82,4 +84,4 @@ def load_model(run_dir: str, *, step: int | None = None,
                               f"{checkpoint_dir(run_dir)}: {type(e).__name__}: {e}") from e
     finally:
         mngr.close()
-    return eqx.combine(restored.state["model"], static)
+    return eqx.combine(restored.state["model"], static), cfg

@@ -340,7 +340,8 @@ def test_gcs_round_trip_and_load_model(gcs):
     assert r.step == 5 and r.config == json.loads(CFG.to_json())
     assert_bitwise_equal(r.state, state)
     assert saved.read_config(run) == CFG
-    model = saved.load_model(run, abstract=abstract_tiny)
+    model, cfg = saved.load_model(run, abstract=abstract_tiny)
+    assert cfg == CFG
     assert isinstance(model, TinyNet) and model.n_layer == 2
     assert_bitwise_equal(eqx.filter(model, eqx.is_array), state["model"])
 
@@ -353,21 +354,19 @@ def test_read_config_and_load_model_errors(tmp_path):
 
 
 def test_load_model_builds_the_real_gpt(tmp_path):
-    from nanojaxgpt.model import GPT
+    from nanojaxgpt.model import GPT, abstract_model, is_param
 
     # Laid out with eval_shape and filled by numpy: building it eagerly compiles every init op.
-    abstract = eqx.filter_eval_shape(lambda k: GPT(CFG.model, key=k), jax.random.key(3))
-    is_sds = lambda x: isinstance(x, jax.ShapeDtypeStruct)  # noqa: E731
-    shapes, static = eqx.partition(abstract, is_sds)
+    shapes, static = eqx.partition(abstract_model(CFG.model), is_param)
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), x.dtype), shapes,
-                          is_leaf=is_sds)
+                          is_leaf=is_param)
     model = eqx.combine(params, static)
     state = {"model": params, "opt_state": jax.jit(optax.adamw(1e-3).init)(params),
              "step": jnp.int32(1)}
     with checkpoint.Checkpointer(str(tmp_path), CheckpointConfig()) as ck:
         save(ck, 1, state)
-    loaded = saved.load_model(str(tmp_path))
+    loaded, _ = saved.load_model(str(tmp_path))
     assert isinstance(loaded, GPT) and loaded.config == CFG.model
     assert_bitwise_equal(eqx.filter(loaded, eqx.is_array), params)
     assert all(x.sharding.device_set == {jax.devices()[0]}
