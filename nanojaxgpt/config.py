@@ -76,6 +76,10 @@ class MeshConfig:
 @dataclass(frozen=True)
 class DataConfig:
     data_dir: str = "data/shakespeare_char"  # local path or gs://; written by tools/prepare_*.py
+    # The order of the training windows (nanojaxgpt/data.py): "random" = nanoGPT's (a window at a
+    # random offset, drawn with replacement); "epoch" = llm.c's (the split cut into consecutive
+    # windows, each read once per epoch in an order shuffled anew every epoch).
+    sampling: Literal["random", "epoch"] = "random"
     # A read of gs:// token records (the evaluation sets, a step's batch) still waiting after this
     # long is an error that stops the run (and every host), not a silent hang on stalled storage.
     read_timeout_s: float = 120.0
@@ -88,7 +92,10 @@ class OptimConfig:
     warmup_iters: int = 2000
     lr_decay_iters: int = 600000
     decay_lr: bool = True
-    weight_decay: float = 1e-1  # on 2-D+ weights only
+    # The warmup: "nanogpt" = lr * (it + 1) / (warmup_iters + 1) (nanoGPT's get_lr), "llmc" =
+    # lr * (it + 1) / warmup_iters (llm.c and build-nanogpt); both then decay by the same cosine.
+    schedule: Literal["nanogpt", "llmc"] = "nanogpt"
+    weight_decay: float = 1e-1  # on the Linear and Embedding weights only (nanojaxgpt/optim.py)
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # global norm; 0 disables

@@ -49,7 +49,7 @@ def setup(cfg: Config, mesh: Mesh) -> TrainSetup:
     abstract_model = gpt.abstract_model(cfg.model)
     params, static = eqx.partition(abstract_model, gpt.is_param)
     axes = gpt.logical_axes(abstract_model)
-    tx = optim.make(cfg.optim, optim.decay_mask(axes))
+    tx = optim.make(cfg.optim, optim.decay_mask(abstract_model))
     abstract_state = jax.eval_shape(lambda p: init_state(p, tx, cfg.train.seed), params)
 
     param_sh = sharding.named_shardings(mesh, axes, params)

@@ -1,4 +1,4 @@
-"""The optimizer: nanoGPT's schedule, decay only on matrices, clipping."""
+"""The optimizer: nanoGPT's and llm.c's schedules, decay by what a parameter is, torch's clipping."""
 
 import dataclasses
 import math
@@ -8,9 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import torch
 
+from nanojaxgpt import model as gpt
 from nanojaxgpt import optim
-from nanojaxgpt.config import OptimConfig
+from nanojaxgpt.config import ModelConfig, OptimConfig
 
 
 def nanogpt_get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr):
@@ -39,10 +41,69 @@ def test_constant_when_decay_off():
     assert float(optim.learning_rate(cfg, 12345)) == pytest.approx(3e-4)
 
 
-def test_decay_mask_ignores_the_stacked_layers_axis():
-    axes = {"wte": jax.P("vocab", "embed"), "ln_f": jax.P("embed"),
-            "c_fc": jax.P("layers", "embed", "mlp"), "c_fc_bias": jax.P("layers", "mlp")}
-    assert optim.decay_mask(axes) == {"wte": True, "ln_f": False, "c_fc": True, "c_fc_bias": False}
+def llmc_get_lr(it, learning_rate, warmup_iters, train_num_batches, final_frac):
+    """llm.c's get_learning_rate (llmc/schedulers.h, "cosine"), transcribed."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / warmup_iters
+    decay_ratio = (it - warmup_iters) / (train_num_batches - warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))
+    min_lr = learning_rate * final_frac
+    return min_lr + coeff * (learning_rate - min_lr)
+
+
+def test_llmc_schedule_matches_llmc():
+    cfg = OptimConfig(learning_rate=6e-4, min_lr=0.0, warmup_iters=700, lr_decay_iters=18865,
+                      schedule="llmc")
+    its = [0, 1, 350, 698, 699, 700, 701, 9000, 18000, 18864]
+    ours = [float(optim.learning_rate(cfg, it)) for it in its]
+    np.testing.assert_allclose(ours, [llmc_get_lr(it, 6e-4, 700, 18865, 0.0) for it in its],
+                               rtol=1e-5)  # the last steps' tiny rates too
+    assert ours[its.index(699)] == pytest.approx(6e-4)  # the full rate at the last warmup step
+    nanogpt = dataclasses.replace(cfg, schedule="nanogpt")
+    assert float(optim.learning_rate(nanogpt, 699)) == pytest.approx(6e-4 * 700 / 701)
+
+
+def _counts(**model):
+    return tuple(optim.decay_counts(gpt.abstract_model(ModelConfig(**model))))
+
+
+def test_gpt2_decays_what_nanogpt_decays():
+    # nanoGPT's configure_optimizers on GPT-2 124M (vocab 50304) prints:
+    #   num decayed parameter tensors: 50, with 124,354,560 parameters
+    #   num non-decayed parameter tensors: 98, with 121,344 parameters
+    assert _counts(vocab_size=50304) == (50, 124_354_560, 98, 121_344)
+    assert _counts() == _counts(vocab_size=50304)  # 50257 is padded to 50304 here too
+    mask = optim.decay_mask(gpt.abstract_model(ModelConfig(n_layer=2, n_embd=64, n_head=4)))
+    assert mask.wte.weight and mask.wpe.weight and mask.h.attn.c_attn.weight
+    assert mask.h.mlp.c_fc.weight and mask.h.mlp.c_proj.weight and mask.h.attn.c_proj.weight
+    # c_attn's bias is [layers, 3, heads, head_dim]: three dims, and still a bias
+    assert not (mask.h.attn.c_attn.bias or mask.h.mlp.c_fc.bias or mask.h.ln_1.weight
+                or mask.h.ln_1.bias or mask.ln_f.weight)
+
+
+def test_a_swiglu_rmsnorm_model_decays_its_matrices_only():
+    e, layers, hidden = 768, 12, 2048  # SwiGLU's hidden size for E = 768 (model.swiglu_hidden)
+    decayed = 50304 * e + 1024 * e + layers * (e * 3 * e + e * e + e * 2 * hidden + hidden * e)
+    # per block: 2 RMSNorm gains, c_attn's bias [3, H, D], c_proj's [E], c_fc's [2, h], c_proj's [E]
+    other = layers * (2 * e + 3 * e + e + 2 * hidden + e) + e  # + ln_f's gain
+    assert _counts(mlp="swiglu", norm="rmsnorm") == (2 + 4 * layers, decayed,
+                                                     6 * layers + 1, other)
+    assert _counts(mlp="swiglu", norm="rmsnorm", bias=False) == (2 + 4 * layers, decayed,
+                                                                 2 * layers + 1, 2 * layers * e + e)
+
+
+def test_clipping_is_torchs():
+    grads = {"w": np.array([[3.0, 4.0], [0.5, -2.0]], np.float32), "b": np.array([1.5, -0.1], np.float32)}
+    for max_norm in (1.0, 5.6, 100.0):
+        ref = [torch.tensor(grads["b"]), torch.tensor(grads["w"])]
+        params = [torch.zeros_like(g, requires_grad=True) for g in ref]
+        for p, g in zip(params, ref):
+            p.grad = g.clone()
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        ours, _ = optim.clip_like_torch(max_norm).update(jax.tree.map(jnp.asarray, grads),
+                                                         optax.EmptyState())
+        np.testing.assert_allclose(ours["b"], params[0].grad.numpy(), rtol=1e-6)
+        np.testing.assert_allclose(ours["w"], params[1].grad.numpy(), rtol=1e-6)
 
 
 def test_adamw_decays_only_masked_params_and_clips():

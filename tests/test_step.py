@@ -16,7 +16,7 @@ CFG = ModelConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32)
 def _setup():
     model = gpt.GPT(CFG, key=jax.random.key(0))
     params, static = eqx.partition(model, eqx.is_array)
-    tx = optim.make(OptimConfig(warmup_iters=0), optim.decay_mask(gpt.logical_axes(model)))
+    tx = optim.make(OptimConfig(warmup_iters=0), optim.decay_mask(model))
     return params, static, tx
 
 
