@@ -6,24 +6,16 @@ into records of `record_size` tokens (little-endian uint16 when vocab_size <= 65
 only the last record of a split is shorter, never padded. Records are stored in order in
 DIR/{split}-{i:05d}-of-{n:05d}.array_record; meta.json lists the shards and their sizes.
 
-Sampling as nanoGPT: a sample is block_size+1 consecutive tokens starting at a random offset in
-[0, n_tokens - block_size - 1], so block_size can change without preparing again. The offsets are
-a counter-based hash, not an RNG state:
-
-    row r of step s  ->  window index i = s * rows + r  ->  offset = hash(seed, split, i) % n_windows
-
-so the batch of step s is a pure function of (seed, split, s): a resumed run, or a run on another
-number of hosts, reads exactly the same global batch, and each host reads only its own rows.
-grain provides the random-access source (ArrayRecordDataSource) and the threaded prefetch.
+Here: the format, meta.json, and `Tokens`, random access to any window of a split's stream
+(grain's ArrayRecordDataSource), so block_size can change without preparing again. Which windows
+a run reads, and in what order, is nanojaxgpt/batches.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -226,72 +218,3 @@ def _check_shards(data_dir: str, shards: Sequence[Shard], tokenizer: str) -> Non
         if sizes[s.name] != s.bytes:
             raise DataError(f"shard {path} has {sizes[s.name]} bytes but meta.json says {s.bytes} "
                             f"(an interrupted copy?); copy it again or prepare the data again")
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64's finalizer: a bijection on uint64 whose outputs look independent of the inputs."""
-    x = x + np.uint64(0x9E3779B97F4A7C15)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-def _stream_key(seed: int, split: str) -> np.uint64:
-    """64-bit key of (seed, split): train and val never share offsets for the same seed."""
-    split_bits = int.from_bytes(hashlib.blake2b(split.encode(), digest_size=8).digest(), "little")
-    return _mix64(np.array([(seed & (2**64 - 1)) ^ split_bits], dtype=np.uint64))[0]
-
-
-class Batches:
-    """Step-indexed global batches of `rows` windows of block_size+1 tokens from one split.
-
-    `read(step, rows)` returns the given rows of that step's global batch; x = batch[:, :-1],
-    y = batch[:, 1:]. A fixed evaluation set is step 0 of a batch of eval_iters x batch_size rows.
-    """
-
-    def __init__(self, data_dir: str | Path, split: str, *, block_size: int, rows: int, seed: int,
-                 meta: Meta | None = None, io_threads: int | None = None,
-                 read_timeout_s: float | None = None):
-        if block_size < 1 or rows < 1:
-            raise ValueError(f"block_size={block_size} and rows={rows} must be positive")
-        self.tokens = Tokens(data_dir, split, meta, io_threads, read_timeout_s)
-        self.split, self.block_size, self.rows, self.seed = split, block_size, rows, seed
-        self.window = block_size + 1
-        # Offsets 0 .. n_tokens - block_size - 1, as nanoGPT's torch.randint(len(data) - block_size).
-        self.n_windows = self.tokens.n_tokens - block_size
-        if self.n_windows < 1:
-            raise DataError(f"split {split!r} of {data_dir} has {self.tokens.n_tokens} tokens, too few "
-                            f"for one window of block_size+1={self.window}; use a smaller block_size "
-                            f"or more data")
-        self._key = _stream_key(seed, split)
-
-    def offsets(self, step: int | np.integer, rows: Sequence[int] | np.ndarray) -> Int[np.ndarray, " n"]:
-        """Start offsets in the token stream of the given rows of step `step` (pure function)."""
-        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        if step < 0:
-            raise IndexError(f"step={step} must be >= 0")
-        if rows.size and (rows.min() < 0 or rows.max() >= self.rows):
-            raise IndexError(f"rows must be in [0, {self.rows}) (rows= of this Batches); got "
-                             f"{rows[(rows < 0) | (rows >= self.rows)][:4].tolist()}")
-        index = np.uint64(step) * np.uint64(self.rows) + rows.astype(np.uint64)
-        h = _mix64(_mix64(index) ^ self._key)
-        # Modulo bias is below n_windows / 2**64: nil for any real corpus.
-        return (h % np.uint64(self.n_windows)).astype(np.int64)
-
-    def read(self, step: int | np.integer, rows: Sequence[int] | np.ndarray) -> Int[np.ndarray, "n window"]:
-        """int32 [len(rows), block_size+1]: rows `rows` of the global batch of step `step`."""
-        return self.tokens.windows(self.offsets(step, rows), self.window)
-
-    def iterate(self, start_step: int | np.integer, rows: Sequence[int] | np.ndarray, *, threads: int = 4,
-                buffer: int = 8) -> Iterator[np.ndarray]:
-        """read(start_step, rows), read(start_step + 1, rows), ... endlessly, read ahead by grain.
-
-        Up to `buffer` steps are read ahead on `threads` threads (raise both for gs://, where
-        each record read waits on the network). Call `.close()` on the iterator to stop early.
-        """
-        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        self.offsets(start_step, rows)  # validate now, not in a background thread
-        steps = grain.MapDataset.range(start_step, sys.maxsize)
-        ds = steps.map(lambda step: self.read(step, rows))
-        return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
-                                                         prefetch_buffer_size=buffer)))

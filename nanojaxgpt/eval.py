@@ -23,7 +23,7 @@ from typing import NoReturn
 import jax
 import numpy as np
 
-from nanojaxgpt import data, distributed, hellaswag, scoring, sharding, storage
+from nanojaxgpt import batches, data, distributed, hellaswag, scoring, sharding, storage
 from nanojaxgpt.cli import run_command
 from nanojaxgpt.config import DistributedConfig, MeshConfig, TrainConfig
 from nanojaxgpt.model import GPT, with_runtime
@@ -33,17 +33,17 @@ TASKS = ("hellaswag", "val_loss")
 
 
 def val_loss(model: GPT, data_dir: str, *, batch_size: int, eval_iters: int, seed: int,
-             mesh: jax.sharding.Mesh | None = None) -> tuple[float, int]:
-    """(mean loss, tokens scored) on the val windows a run with this batch_size, eval_iters and
-    seed evaluates (its fixed eval set: step 0 of eval_iters x batch_size rows, seed + 1)."""
+             sampling: str = "random", mesh: jax.sharding.Mesh | None = None) -> tuple[float, int]:
+    """(mean loss, tokens scored) on the val windows a run with this batch_size, eval_iters, seed
+    and data.sampling evaluates (its fixed eval set, batches.eval_set)."""
     meta = data.read_meta(data_dir)
     if meta.vocab_size > model.config.vocab_size:
         raise data.DataError(f"{data_dir} has {meta.vocab_size} token ids but the model only "
                              f"{model.config.vocab_size}: give data prepared with the model's tokenizer")
     rows = eval_iters * batch_size
-    batches = data.Batches(data_dir, "val", block_size=model.config.block_size, rows=rows,
-                           seed=seed + 1, meta=meta)
-    windows = batches.read(0, np.arange(rows))
+    windows = batches.eval_set(data_dir, "val", block_size=model.config.block_size,
+                               batch_size=batch_size, eval_iters=eval_iters, seed=seed,
+                               sampling=sampling, meta=meta).read(0, np.arange(rows))
     loss, count = scoring.row_losses(model, [(w, 1) for w in windows], mesh=mesh)
     return float(np.mean(loss / count)), int(count.sum())
 
@@ -104,7 +104,9 @@ def main(argv: list[str]) -> int:
         loss, tokens = val_loss(model, storage.absolute(data_dir),
                                 batch_size=args.batch_size or run.batch_size,
                                 eval_iters=args.eval_iters or run.eval_iters,
-                                seed=run.seed if args.seed is None else args.seed, mesh=mesh)
+                                seed=run.seed if args.seed is None else args.seed,
+                                sampling=(loaded.run_config.data.sampling if loaded.run_config
+                                          else "random"), mesh=mesh)
         lines.append(f"val loss {loss:.4f} ({tokens} tokens)")
     if topo.process_index == 0:
         print("\n".join(lines))

@@ -20,7 +20,8 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding
 from jaxtyping import PyTree
 
-from nanojaxgpt import checkpoint, completion, config, data, distributed, hellaswag, metrics, sharding, storage
+from nanojaxgpt import batches, checkpoint, completion, config, data, distributed, hellaswag, metrics
+from nanojaxgpt import optim, sharding, storage
 from nanojaxgpt import model as gpt
 from nanojaxgpt import compile_cache, failfast, program, resume, runlock, saved
 from nanojaxgpt.cli import hard_exit, one_line, run_command
@@ -75,29 +76,45 @@ def model_origin(cfg: config.Config, meta: data.Meta, *, resuming: bool
 
 
 def _first_state(cfg: config.Config, setup: TrainSetup, ckpt: checkpoint.Checkpointer,
-                 pretrained: gpt.GPT | None) -> tuple[State, int]:
-    """The state the loop starts from, and its step: the latest good checkpoint if there is one,
-    else the pretrained weights, else a fresh initialisation."""
+                 pretrained: gpt.GPT | None) -> tuple[State, batches.Origin]:
+    """The state the loop starts from, and its step and data position: the latest good checkpoint
+    if there is one, else the pretrained weights, else a fresh initialisation."""
     if ckpt.latest_step() is not None:
         restored = ckpt.restore(setup.abstract, expect=cfg)  # another architecture: one-line error
-        log.info("resumed from step %d (%s)", restored.step, cfg.train.out_dir)
+        origin = batches.Origin(restored.step, _samples_read(restored))
+        log.info("resumed from step %d (%s; %d training windows read)", origin.step,
+                 cfg.train.out_dir, origin.sample)
         for change in resume.changes(restored.config, cfg):
             log.info("changed since the checkpoint: %s", change)
-        return restored.state, restored.step
+        return restored.state, origin
     if pretrained is not None:
         log.info("initialised from %s", cfg.train.init_from)
-        return setup.from_params(eqx.filter(pretrained, eqx.is_array), cfg), 0
-    return setup.init(cfg), 0
+        return setup.from_params(eqx.filter(pretrained, eqx.is_array), cfg), batches.Origin()
+    return setup.init(cfg), batches.Origin()
+
+
+SAMPLES = "samples"  # checkpoint meta: how many training windows the run had read
+
+
+def _samples_read(restored: checkpoint.Restored) -> int:
+    """The data position saved with a checkpoint; one saved without it had read the same number
+    of windows at every step (its own batch_size x gradient_accumulation_steps)."""
+    if SAMPLES in restored.meta:
+        return int(restored.meta[SAMPLES])
+    t = restored.config["train"]
+    return restored.step * t["batch_size"] * t["gradient_accumulation_steps"]
 
 
 def _eval_tokens(cfg: config.Config, meta: data.Meta, split: str, shape: tuple[int, int, int],
                  batch_sh: NamedSharding) -> jax.Array:
-    """The fixed evaluation set of a split: `shape` = eval_iters batches of batch_size windows,
-    read as step 0 of a batch of eval_iters x batch_size rows (window index = row index)."""
-    batches = data.Batches(cfg.data.data_dir, split, block_size=cfg.model.block_size,
-                           rows=shape[0] * shape[1], seed=cfg.train.seed + 1, meta=meta,
-                           read_timeout_s=cfg.data.read_timeout_s)
-    return sharding.host_local_array(shape, batch_sh, lambda rows: batches.read(0, rows))
+    """The fixed evaluation set of a split (batches.eval_set): `shape` = eval_iters batches of
+    batch_size windows."""
+    t = cfg.train
+    windows = batches.eval_set(cfg.data.data_dir, split, block_size=cfg.model.block_size,
+                               batch_size=t.batch_size, eval_iters=t.eval_iters, seed=t.seed,
+                               sampling=cfg.data.sampling, meta=meta,
+                               read_timeout_s=cfg.data.read_timeout_s)
+    return sharding.host_local_array(shape, batch_sh, lambda rows: windows.read(0, rows))
 
 
 class Diverged(RuntimeError):
@@ -163,13 +180,16 @@ def _run(cfg: config.Config, topo: distributed.Topology, mesh: Mesh, meta: data.
     log.info("%d processes, %d devices, mesh %s; %d tokens per step (%d x %d x %d)",
              topo.process_count, topo.global_device_count, dict(mesh.shape),
              rows * m.block_size, t.gradient_accumulation_steps, t.batch_size, m.block_size)
+    for line in optim.decay_counts(gpt.abstract_model(m)).lines():  # nanoGPT's two lines
+        log.info(line)
 
     prog = program.build(cfg, mesh)  # the same steps tools/aot_compile.py checks ahead of time
     hellaswag_scores = hellaswag.for_training(cfg, prog.setup.static, mesh, meta.tokenizer)
     # Both steps compile in the background while the state is created or restored.
     steps = compile_ahead(prog.steps, prog.abstract, None if t.eval_only else prog.batch,
                           prog.eval_batch)
-    state, start = _first_state(cfg, prog.setup, ckpt, pretrained)
+    state, origin = _first_state(cfg, prog.setup, ckpt, pretrained)
+    start = origin.step
     if topo.process_index == 0:
         out = epath.Path(t.out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -182,12 +202,17 @@ def _run(cfg: config.Config, topo: distributed.Topology, mesh: Mesh, meta: data.
         tb.close()
         return 0
 
-    batches = data.Batches(cfg.data.data_dir, "train", block_size=m.block_size, rows=rows,
-                           seed=t.seed, meta=meta, read_timeout_s=cfg.data.read_timeout_s)
+    train_set = batches.Batches(cfg.data.data_dir, "train", block_size=m.block_size, rows=rows,
+                                seed=t.seed, sampling=cfg.data.sampling, origin=origin, meta=meta,
+                                read_timeout_s=cfg.data.read_timeout_s)
+    if cfg.data.sampling == "epoch":
+        log.info("data: an epoch is %d windows of %d tokens, %.1f steps; step %d starts epoch %d",
+                 train_set.n_windows, train_set.window, train_set.n_windows / rows, start,
+                 train_set.consumed(start) // train_set.n_windows)
 
     def global_batch(step: int) -> jax.Array:
         return sharding.host_local_array(prog.batch.shape, prog.batch_sharding,
-                                         lambda r: batches.read(step, r))
+                                         lambda r: train_set.read(step, r))
 
     remote = storage.is_gcs(cfg.data.data_dir)
     feed = Feed(global_batch, start=start, stop=t.max_iters,
@@ -197,7 +222,8 @@ def _run(cfg: config.Config, topo: distributed.Topology, mesh: Mesh, meta: data.
                         peak=peak_flops_per_device(jax.devices()[0]))
     try:
         finished = _loop(cfg, topo, steps, state, start, feed=feed, evaluate=evaluate,
-                         progress=progress, ckpt=ckpt, lock=lock, tb=tb)
+                         progress=progress, ckpt=ckpt, lock=lock, tb=tb,
+                         samples_read=train_set.consumed)
     except Diverged:
         tb.close()  # the points up to the divergence stay in TensorBoard
         ckpt.close()
@@ -235,7 +261,7 @@ def _fetch(out: dict[str, jax.Array]) -> dict[str, float]:
 
 def _loop(cfg: config.Config, topo: distributed.Topology, steps: Steps, state: State, start: int,
           *, feed: Feed, evaluate: _Evaluation, progress: Progress, ckpt: checkpoint.Checkpointer,
-          lock: runlock.RunLock, tb: metrics.Metrics) -> bool:
+          lock: runlock.RunLock, tb: metrics.Metrics, samples_read: Callable[[int], int]) -> bool:
     """Train from step `start` to max_iters: evaluate, step, log, check, save. True when it got
     there; False when a stop signal ended it (after a complete checkpoint of the step reached)."""
     t = cfg.train
@@ -269,7 +295,7 @@ def _loop(cfg: config.Config, topo: distributed.Topology, steps: Steps, state: S
                     _report(*logged, progress, ckpt, tb)
                     logged = None
                 lock.refresh()  # stops here, on every host, if another run took out_dir over
-                ckpt.save(done, state, cfg)
+                ckpt.save(done, state, cfg, meta={SAMPLES: samples_read(done)})
                 tb.flush(wait=True)  # logs are durable up to every checkpoint: a resume leaves no gap
             if stop:
                 ckpt.wait()

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from nanojaxgpt import data, prepare
+from nanojaxgpt import batches, data, prepare
 from nanojaxgpt.tokenizer import CharTokenizer
 
 RECORD, SHARD = 256, 256 * 32  # small records and shards, so windows cross both boundaries
@@ -26,7 +26,7 @@ def test_windows_are_slices_of_the_stream(prepared):
     d, train = prepared
     assert data.read_meta(d).tokens["train"] == len(train)
     for block_size in (64, 600):  # block_size changes without preparing again; 600 spans 3-4 records
-        b = data.Batches(d, "train", block_size=block_size, rows=64, seed=1337)
+        b = batches.Batches(d, "train", block_size=block_size, rows=64, seed=1337)
         crossings = 0
         for step in range(3):
             batch, offsets = b.read(step, range(64)), b.offsets(step, range(64))
@@ -41,19 +41,19 @@ def test_windows_are_slices_of_the_stream(prepared):
 
 def test_batch_is_a_pure_function_of_seed_split_step(prepared):
     d, _ = prepared
-    a = data.Batches(d, "train", block_size=32, rows=8, seed=7)
-    b = data.Batches(d, "train", block_size=32, rows=8, seed=7)
+    a = batches.Batches(d, "train", block_size=32, rows=8, seed=7)
+    b = batches.Batches(d, "train", block_size=32, rows=8, seed=7)
     whole = a.read(5, range(8))
     assert np.array_equal(whole, b.read(5, np.arange(8)))
     # Two "hosts" reading their own rows get exactly the rows of the whole batch, in any order.
     assert np.array_equal(np.concatenate([a.read(5, [0, 1, 2, 3]), b.read(5, [4, 5, 6, 7])]), whole)
     assert np.array_equal(a.read(5, [6, 1]), whole[[6, 1]])
     assert not np.array_equal(a.read(6, range(8)), whole)
-    assert not np.array_equal(data.Batches(d, "train", block_size=32, rows=8, seed=8).read(5, range(8)), whole)
+    assert not np.array_equal(batches.Batches(d, "train", block_size=32, rows=8, seed=8).read(5, range(8)), whole)
     # Row r of step s is window s*rows + r: another rows count is another sequence of batches.
-    assert not np.array_equal(data.Batches(d, "train", block_size=32, rows=4, seed=7).read(5, range(4)),
+    assert not np.array_equal(batches.Batches(d, "train", block_size=32, rows=4, seed=7).read(5, range(4)),
                               whole[:4])
-    val = data.Batches(d, "val", block_size=32, rows=8, seed=7)
+    val = batches.Batches(d, "val", block_size=32, rows=8, seed=7)
     # The split is part of the offsets' key: the same seed draws other windows in train and val.
     assert not np.array_equal(val.offsets(0, range(8)), a.offsets(0, range(8)))
     assert val.offsets(0, range(8)).max() <= 111_540 - 33
@@ -61,7 +61,7 @@ def test_batch_is_a_pure_function_of_seed_split_step(prepared):
 
 def test_offsets_cover_the_stream_uniformly(prepared):
     d, train = prepared
-    b = data.Batches(d, "train", block_size=64, rows=1000, seed=0)
+    b = batches.Batches(d, "train", block_size=64, rows=1000, seed=0)
     offsets = np.concatenate([b.offsets(s, range(1000)) for s in range(20)])
     n = len(train) - 64
     assert offsets.min() >= 0 and offsets.max() < n
@@ -72,7 +72,7 @@ def test_offsets_cover_the_stream_uniformly(prepared):
 
 def test_iterate_equals_read_from_any_start(prepared):
     d, _ = prepared
-    b = data.Batches(d, "train", block_size=128, rows=6, seed=3)
+    b = batches.Batches(d, "train", block_size=128, rows=6, seed=3)
     rows = [1, 4, 5]
     for start in (0, 17):  # 17: a resumed run
         it = b.iterate(start, rows, threads=2, buffer=3)
@@ -83,15 +83,15 @@ def test_iterate_equals_read_from_any_start(prepared):
 
 def test_bad_arguments(prepared):
     d, _ = prepared
-    b = data.Batches(d, "train", block_size=32, rows=8, seed=0)
+    b = batches.Batches(d, "train", block_size=32, rows=8, seed=0)
     with pytest.raises(IndexError, match=r"rows must be in \[0, 8\).*\[8\]"):
         b.read(0, [7, 8])
     with pytest.raises(IndexError, match="step=-1"):
         b.iterate(-1, [0])
     with pytest.raises(data.DataError, match="has 111540 tokens, too few for one window"):
-        data.Batches(d, "val", block_size=111_540, rows=1, seed=0)
+        batches.Batches(d, "val", block_size=111_540, rows=1, seed=0)
     with pytest.raises(data.DataError, match=r"no split 'test'; it has \['train', 'val'\]"):
-        data.Batches(d, "test", block_size=32, rows=1, seed=0)
+        batches.Batches(d, "test", block_size=32, rows=1, seed=0)
 
 
 def test_missing_or_damaged_data_errors(prepared, tmp_path):
@@ -99,7 +99,7 @@ def test_missing_or_damaged_data_errors(prepared, tmp_path):
     missing = tmp_path / "data" / "shakespeare_char"
     with pytest.raises(data.DataError, match=f"{missing}/meta.json does not exist.*"
                        f"python tools/prepare_shakespeare_char.py --out {missing}"):
-        data.Batches(missing, "train", block_size=8, rows=1, seed=0)
+        batches.Batches(missing, "train", block_size=8, rows=1, seed=0)
     with pytest.raises(data.DataError, match="prepare_text.py --input YOUR_FILES.txt --out"):
         data.read_meta(tmp_path / "mine")
 
@@ -116,10 +116,10 @@ def test_missing_or_damaged_data_errors(prepared, tmp_path):
     shard = d / "train-00003-of-00123.array_record"
     shard.write_bytes(shard.read_bytes()[:-10])
     with pytest.raises(data.DataError, match=f"shard {shard} has .* bytes but meta.json says"):
-        data.Batches(d, "train", block_size=8, rows=1, seed=0)
+        batches.Batches(d, "train", block_size=8, rows=1, seed=0)
     shard.unlink()
     with pytest.raises(data.DataError, match=f"shard {shard} listed in {meta_path} is missing"):
-        data.Batches(d, "train", block_size=8, rows=1, seed=0)
+        batches.Batches(d, "train", block_size=8, rows=1, seed=0)
 
 
 def test_hints_name_the_tool_that_makes_the_data(tmp_path):
@@ -148,7 +148,7 @@ def test_a_shard_whose_records_fail_their_hash_is_named(prepared):
     raw = bytearray(shard.read_bytes())
     raw[200] ^= 0x10  # inside the first chunk's data: same size, so only Riegeli's hash sees it
     shard.write_bytes(bytes(raw))
-    b = data.Batches(d, "train", block_size=64, rows=8, seed=0)
+    b = batches.Batches(d, "train", block_size=64, rows=8, seed=0)
     record = 5 * (SHARD // RECORD)  # the first record of shard 5
     offsets = np.array([record * RECORD + 3])
     with pytest.raises(data.DataError, match=f"shard {shard} cannot be read .*hash mismatch.*damaged"):
@@ -160,8 +160,8 @@ def test_gcs_reads_equal_local(gcs, shakespeare_text, tmp_path):
     out = f"{gcs}/sc"
     prepare.prepare_char(shakespeare_text[:200_000], out, work_dir=str(tmp_path), record_size=RECORD,
                          shard_tokens=SHARD)
-    local = data.Batches(tmp_path, "train", block_size=300, rows=8, seed=5)
-    remote = data.Batches(out, "train", block_size=300, rows=8, seed=5)
+    local = batches.Batches(tmp_path, "train", block_size=300, rows=8, seed=5)
+    remote = batches.Batches(out, "train", block_size=300, rows=8, seed=5)
     assert np.array_equal(remote.read(2, range(8)), local.read(2, range(8)))
     it = remote.iterate(9, [3, 4], threads=2, buffer=2)
     assert np.array_equal(next(it), local.read(9, [3, 4]))

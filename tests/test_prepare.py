@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from google.cloud import storage as gcs_client
 
-from nanojaxgpt import data, prepare
+from nanojaxgpt import batches, data, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -150,8 +150,8 @@ def test_upload_to_gcs_skips_what_is_there(gcs, shakespeare_text, tmp_path):
     third = prepare.prepare_char(text, out, record_size=512, shard_tokens=512 * 40, work_dir=str(tmp_path))
     assert third.upload.uploaded == (names[1], names[2])
     assert data.read_meta(out) == first.meta
-    local = data.Batches(tmp_path, "train", block_size=256, rows=8, seed=3)
-    remote = data.Batches(out, "train", block_size=256, rows=8, seed=3)
+    local = batches.Batches(tmp_path, "train", block_size=256, rows=8, seed=3)
+    remote = batches.Batches(out, "train", block_size=256, rows=8, seed=3)
     assert np.array_equal(remote.read(4, range(8)), local.read(4, range(8)))
 
 

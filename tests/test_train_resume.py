@@ -4,6 +4,7 @@ changed setting is applied and logged once. One trained run directory, copied fo
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shutil
@@ -100,3 +101,36 @@ def test_a_changed_setting_resumes_and_is_logged_once(train, trained, tmp_path):
                       [*train_runs.TINY, "--max_iters=12", "--learning_rate=5e-4"])
     assert math.isclose(train_runs.curve(out, "train/lr")[11],
                         float(optim.learning_rate(cfg.optim, 11)), rel_tol=1e-5)
+
+
+def _samples_saved(out, step) -> int:
+    """The data position in a checkpoint's meta item (JSON)."""
+    return json.loads((out / "checkpoints" / str(step) / "meta" / "metadata").read_text())["samples"]
+
+
+@pytest.mark.parametrize("sampling", ["random", "epoch"])
+def test_a_resume_with_another_batch_size_reads_on_from_the_next_window(train, trained, tmp_path,
+                                                                        sampling):
+    """10 steps of 8 windows, then 2 steps of 16 x 2 accumulated: the resumed run starts at
+    window 80, the first unread one, and its checkpoint says it read 80 + 2 x 32."""
+    if sampling == "random":
+        out = copy_of(trained, tmp_path)
+    else:
+        out = tmp_path / "run"
+        assert train(out, MAX, "--sampling=epoch").returncode == 0
+    assert _samples_saved(out, 10) == 80
+    proc = train(out, "--max_iters=12", "--batch_size=16", "--gradient_accumulation_steps=2",
+                 f"--sampling={sampling}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from step 10 ({out}; 80 training windows read)" in proc.stderr
+    assert _samples_saved(out, 12) == 80 + 2 * 16 * 2
+
+
+def test_a_checkpoint_saved_without_its_data_position_read_its_batch_size_every_step():
+    from nanojaxgpt import checkpoint, train
+
+    old = checkpoint.Restored(step=10, state=None, meta={},
+                              config={"train": {"batch_size": 8, "gradient_accumulation_steps": 2}})
+    assert train._samples_read(old) == 160
+    assert train._samples_read(checkpoint.Restored(step=10, state=None, meta={"samples": 99},
+                                                   config=old.config)) == 99

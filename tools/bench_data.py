@@ -1,4 +1,4 @@
-"""Loader throughput per host: training tokens/s of data.Batches from local files and from gs://.
+"""Loader throughput per host: training tokens/s of batches.Batches from local files and from gs://.
 
     python tools/bench_data.py                                  # synthetic data, local + GCS emulator
     python tools/bench_data.py --data_dir data/openwebtext --gcs gs://BUCKET/openwebtext
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nanojaxgpt import data, prepare, storage
+from nanojaxgpt import batches, data, prepare, storage
 from nanojaxgpt.feed import Feed
 
 SHAPES = ((1024, 16), (64, 12))  # (block_size, batch_size)
@@ -63,7 +63,7 @@ def emulator(latency_ms: float):
 
 def measure(data_dir: str, block_size: int, batch_size: int, seconds: float, threads: int, buffer: int,
             io_threads: int | None, feed_depth: int, feed_threads: int):
-    b = data.Batches(data_dir, "train", block_size=block_size, rows=batch_size, seed=0, io_threads=io_threads)
+    b = batches.Batches(data_dir, "train", block_size=block_size, rows=batch_size, seed=0, io_threads=io_threads)
     rows = np.arange(batch_size)
     result = {}
     b.read(0, rows)  # opens the shards' readers
