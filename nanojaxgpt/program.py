@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import equinox as eqx
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from nanojaxgpt import model as gpt
 from nanojaxgpt import sharding
 from nanojaxgpt.config import Config, ConfigError
 from nanojaxgpt.state import TrainSetup, setup
@@ -42,12 +44,15 @@ def batch_shards(mesh: Mesh) -> int:
 
 
 def check(cfg: Config, mesh: Mesh) -> None:
-    """ConfigError unless the batch splits evenly over the mesh."""
+    """ConfigError unless the batch and every parameter split over the mesh as the rules say
+    (before anything compiles, or a run directory is touched)."""
     shards = batch_shards(mesh)
     if cfg.train.batch_size % shards:
         raise ConfigError(
             f"train.batch_size={cfg.train.batch_size} must be a multiple of mesh data x fsdp = "
             f"{shards} (the batch is split over them); change --batch_size or the mesh")
+    model = gpt.abstract_model(cfg.model)
+    sharding.named_shardings(mesh, gpt.logical_axes(model), eqx.filter(model, gpt.is_param))
 
 
 def build(cfg: Config, mesh: Mesh) -> Program:

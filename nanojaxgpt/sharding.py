@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import difflib
 import math
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -29,8 +30,9 @@ from nanojaxgpt.config import ConfigError, MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# Logical axis name -> mesh axes. Names not listed (layers, position, qkv, head_dim, seq) are
-# never sharded. A dimension the mesh axes do not divide evenly is replicated instead.
+# Logical axis name -> the mesh axes its dimension is split over. Every name the model uses is
+# here: () replicates it, on purpose. A name missing from the table, or a dimension that its mesh
+# axes do not divide, is a ShardingError, never a silent replication.
 RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp"),  # the sequences of a batch: each chip computes only its own
     "replica": ("data",),  # data-parallel copies of the model: gradients summed once per step
@@ -39,8 +41,16 @@ RULES: dict[str, tuple[str, ...]] = {
     "vocab": ("tensor",),
     "heads": ("tensor",),
     "mlp": ("tensor",),
+    "layers": (),  # the stacked blocks: every chip runs every layer
+    "position": (),  # wpe's rows: a lookup table, small
+    "qkv": (),  # q, k and v of one head stay together
+    "head_dim": (),
+    "seq": (),  # no sequence parallelism: a chip holds whole sequences
 }
 
+
+class ShardingError(ConfigError):
+    """An array the mesh cannot lay out as the rules say; the message names the array and the fix."""
 
 
 @dataclass(frozen=True)
@@ -108,25 +118,53 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
-def mesh_spec(logical: P, shape: Sequence[int], mesh: Mesh, taken: Collection[str] = ()) -> P:
-    """Logical names -> mesh axes for one array; each mesh axis is used at most once (and
-    never one of `taken`)."""
+def _rule(name: str, what: str) -> tuple[str, ...]:
+    if name not in RULES:
+        close = difflib.get_close_matches(name, RULES, n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise ShardingError(f"{what}: logical axis {name!r} is not in the sharding table; {hint}"
+                            f"add it to sharding.RULES (() replicates it); known: {', '.join(RULES)}")
+    return RULES[name]
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def mesh_spec(logical: P, shape: Sequence[int], mesh: Mesh, taken: Collection[str] = (),
+              what: str = "an array") -> P:
+    """Logical names -> mesh axes for one array (`what`, for errors); each mesh axis is used at
+    most once (and never one of `taken`). ShardingError for a name the table lacks or a dimension
+    its mesh axes do not divide."""
     used: set[str] = set(taken)
     out = []
-    for name, dim in zip(logical, shape, strict=True):
-        axes = tuple(a for a in RULES.get(name, ()) if a not in used and mesh.shape[a] > 1)
-        if axes and dim % math.prod(mesh.shape[a] for a in axes) == 0:
-            used.update(axes)
-            out.append(axes[0] if len(axes) == 1 else axes)
-        else:
+    for i, (name, dim) in enumerate(zip(logical, shape, strict=True)):
+        if name is None:
             out.append(None)
+            continue
+        axes = tuple(a for a in _rule(name, what) if a not in used and mesh.shape[a] > 1)
+        parts = math.prod(mesh.shape[a] for a in axes)
+        if dim % parts:
+            sizes = " x ".join(f"{a}={mesh.shape[a]}" for a in axes)
+            fix = (f"a --mesh.{axes[0]} that divides" if len(axes) == 1 else
+                   " and ".join(f"--mesh.{a}" for a in axes) + " whose product divides")
+            raise ShardingError(
+                f"{what} {tuple(shape)}: dimension {i} ({name!r}, size {dim}) does not split over "
+                f"mesh {sizes} ({parts} devices); choose {fix} {dim} ({_divisors(dim)}), or "
+                f"give {name!r} the rule () in sharding.RULES to replicate it")
+        used.update(axes)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     return P(*out)
 
 
 def named_shardings(mesh: Mesh, logical_tree: Any, shapes_tree: Any) -> Any:
-    """Pytree of logical `P`s + matching pytree of arrays/ShapeDtypeStructs -> NamedShardings."""
-    return jax.tree.map(lambda spec, x: NamedSharding(mesh, mesh_spec(spec, x.shape, mesh)),
-                        logical_tree, shapes_tree)
+    """Pytree of logical `P`s + matching pytree of arrays/ShapeDtypeStructs -> NamedShardings
+    (a parameter the mesh cannot lay out is a ShardingError naming it)."""
+    def one(path: tuple, spec: P, x: Any) -> NamedSharding:
+        what = f"parameter {jax.tree_util.keystr(path, simple=True, separator='.')}"
+        return NamedSharding(mesh, mesh_spec(spec, x.shape, mesh, what=what))
+
+    return jax.tree_util.tree_map_with_path(one, logical_tree, shapes_tree)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -183,7 +221,7 @@ def _active() -> _Layout | None:
 
 def _mapped(layout: _Layout, name: str, size: int) -> tuple[str, ...]:
     """The mesh axes a dimension of `size` named `name` is split over."""
-    axes = mesh_spec(P(name), (size,), layout.mesh, layout.taken)[0]
+    axes = mesh_spec(P(name), (size,), layout.mesh, layout.taken, what=f"the {name!r} dimension")[0]
     return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
 
 
@@ -191,7 +229,7 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """x laid out as its logical dim names say (under `vmap`, the mapped dim is not named here)."""
     if (layout := _active()) is None:
         return x
-    spec = mesh_spec(P(*names), x.shape, layout.mesh, layout.taken)
+    spec = mesh_spec(P(*names), x.shape, layout.mesh, layout.taken, what=f"activation {names}")
     return jax.lax.with_sharding_constraint(x, NamedSharding(layout.mesh, spec))
 
 
@@ -240,7 +278,8 @@ def per_shard(f: Callable, names: Sequence[str | None]) -> Callable:
             return f(*args)
 
     def run(*args: jax.Array) -> jax.Array:
-        specs = [mesh_spec(P(*names), a.shape, layout.mesh, layout.taken) for a in args]
+        specs = [mesh_spec(P(*names), a.shape, layout.mesh, layout.taken, what=f"kernel input {names}")
+                 for a in args]
         return jax.shard_map(local, mesh=layout.mesh, in_specs=tuple(specs), out_specs=specs[0],
                              check_vma=False)(*args)
 

@@ -33,8 +33,44 @@ def test_rules_table():
     assert sharding.mesh_spec(P("batch", "seq"), (16, 64), mesh) == P("fsdp", None)
     dp = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     assert sharding.mesh_spec(P("batch", None), (8, 3), dp) == P(("data", "fsdp"), None)
-    # A dimension the axis does not divide is replicated, not an error.
-    assert sharding.mesh_spec(P("vocab", "embed"), (65, 6), mesh) == P(None, None)
+    # Names the table replicates, by rules written in it.
+    assert sharding.mesh_spec(P("layers", "qkv", "heads", "head_dim"), (4, 3, 8, 16), mesh) == P(
+        None, None, "tensor", None)
+
+
+def test_a_dimension_the_mesh_does_not_divide_is_an_error_naming_it_and_the_fix():
+    mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
+    with pytest.raises(sharding.ShardingError) as e:
+        sharding.mesh_spec(P("vocab", "embed"), (65, 6), mesh, what="parameter wte.weight")
+    assert str(e.value) == (
+        "parameter wte.weight (65, 6): dimension 0 ('vocab', size 65) does not split over mesh "
+        "tensor=2 (2 devices); choose a --mesh.tensor that divides 65 (1, 5, 13, 65), or give "
+        "'vocab' the rule () in sharding.RULES to replicate it")
+    dp = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    with pytest.raises(sharding.ShardingError, match=r"dimension 0 \('batch', size 6\) does not "
+                       r"split over mesh data=2 x fsdp=2 \(4 devices\); choose --mesh.data and "
+                       r"--mesh.fsdp whose product divides 6 \(1, 2, 3, 6\)"):
+        sharding.mesh_spec(P("batch", None), (6, 3), dp)
+    # A mesh axis of size 1 splits nothing, so it divides everything.
+    assert sharding.mesh_spec(P("vocab"), (65,), sharding.make_mesh(MeshConfig(fsdp=-1))) == P(None)
+
+
+def test_a_name_the_table_does_not_know_is_an_error_with_the_close_ones():
+    mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
+    with pytest.raises(sharding.ShardingError, match=r"parameter h.attn.w: logical axis 'head' is "
+                       r"not in the sharding table; did you mean heads, head_dim\? add it to "
+                       r"sharding.RULES \(\(\) replicates it\)"):
+        sharding.mesh_spec(P("embed", "head"), (64, 4), mesh, what="parameter h.attn.w")
+
+
+def test_every_name_the_models_use_is_in_the_table():
+    from nanojaxgpt import model as gpt
+    from nanojaxgpt.config import ModelConfig
+
+    for variant in ({}, {"mlp": "swiglu", "norm": "rmsnorm", "position": "rope", "bias": False}):
+        axes = jax.tree.leaves(gpt.logical_axes(gpt.abstract_model(ModelConfig(**variant))),
+                               is_leaf=lambda x: isinstance(x, P))
+        assert {n for spec in axes for n in spec if n is not None} <= set(sharding.RULES)
 
 
 def test_host_local_array_reads_only_needed_rows_and_matches():

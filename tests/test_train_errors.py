@@ -89,3 +89,14 @@ def test_a_damaged_shard_is_one_line_naming_it(data_dir, tmp_path):
     assert proc.returncode == 2
     line = _one_error_line(proc)
     assert f"shard {shard} cannot be read" in line and "damaged" in line
+
+
+def test_a_mesh_that_cannot_split_the_heads_is_one_line_before_anything_compiles(data_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = _train(data_dir, out, "--mesh.tensor=8", devices=8)  # 2 heads over 8 devices
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = _one_error_line(proc)
+    assert line.startswith("error: parameter h.attn.c_attn.weight (2, 32, 3, 2, 16): dimension 3 "
+                           "('heads', size 2) does not split over mesh tensor=8 (8 devices); "
+                           "choose a --mesh.tensor that divides 2 (1, 2)"), line
+    assert not out.exists()  # before the run lock: nothing was written
