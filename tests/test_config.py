@@ -134,17 +134,20 @@ def test_local_paths_are_resolved_once_at_load(tmp_path, monkeypatch):
 
 
 def test_the_10b_token_recipe_is_llm_c_s_run():
+    """llm.c's scripts/run_gpt2_124M.sh: -b 64 -t 1024 -d 524288 -l 0.0006 -q 0.0 -u 700 -c 0.1,
+    18,865 steps, its schedule (llmc/schedulers.h), one epoch in shuffled order."""
     from nanojaxgpt import optim
 
     cfg = config.load("configs/gpt2_124m_fineweb10b.toml")
     t, o, m = cfg.train, cfg.optim, cfg.model
     tokens_per_step = t.batch_size * t.gradient_accumulation_steps * m.block_size
-    assert tokens_per_step == 524_288 and t.max_iters == o.lr_decay_iters == 19_073
-    assert 9.99e9 < tokens_per_step * t.max_iters < 1.001e10  # 10B tokens
+    assert tokens_per_step == 524_288 and t.max_iters == o.lr_decay_iters == 18_865
     assert (m.n_layer, m.n_head, m.n_embd, m.vocab_size) == (12, 12, 768, 50257)
-    assert (o.learning_rate, o.warmup_iters, o.weight_decay, o.beta1, o.beta2) == (6e-4, 715, 0.1, 0.9, 0.95)
-    lr = [float(optim.learning_rate(o, s)) for s in (0, 714, 715, 9894, 19_073)]
-    assert lr[0] < 1e-6 and abs(lr[2] - 6e-4) < 1e-9 and lr[1] < lr[2]  # warmup, then the peak
-    assert abs(lr[3] - 3e-4) < 1e-6 and lr[4] == 0.0  # cosine: half way at the middle, zero at the end
+    assert (o.learning_rate, o.min_lr, o.warmup_iters, o.weight_decay, o.beta1, o.beta2,
+            o.grad_clip) == (6e-4, 0.0, 700, 0.1, 0.9, 0.95, 1.0)
+    assert o.schedule == "llmc" and cfg.data.sampling == "epoch"
+    lr = [float(optim.learning_rate(o, s)) for s in (0, 699, 700, 9782, 18_864)]
+    assert abs(lr[0] - 6e-4 / 700) < 1e-12 and abs(lr[1] - 6e-4) < 1e-10  # full rate at step 699
+    assert abs(lr[2] - 6e-4) < 1e-10 and abs(lr[3] - 3e-4) < 1e-7 and 0 < lr[4] < 1e-10
     assert t.hellaswag and t.eval_interval == 250
     assert t.eval_iters * t.batch_size * m.block_size == 10_485_760  # llm.c's 20 x 524,288 val tokens
