@@ -35,7 +35,9 @@ class ModelConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True
-    mlp: Literal["gelu", "swiglu"] = "gelu"
+    # "gelu": GPT-2's tanh-approximate GELU (OpenAI's weights, llm.c); "gelu_exact": the erf GELU of
+    # nanoGPT's model.py (nn.GELU()); "swiglu": a gated MLP of the same parameter count
+    mlp: Literal["gelu", "gelu_exact", "swiglu"] = "gelu"
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     position: Literal["learned", "rope"] = "learned"
     attention: Literal["xla", "cudnn", "splash"] = "xla"  # kernel: see nanojaxgpt/attention.py

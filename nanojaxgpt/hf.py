@@ -27,7 +27,9 @@ from nanojaxgpt.model import GPT, abstract_model
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 _HUB_REPO = "openai-community/{}"
 _BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers some GPT-2 files carry
-# ModelConfig fields that change how a model runs, not which weights it has.
+# transformers' activation_function -> ModelConfig.mlp: GPT-2's two tanh GELUs, and the erf GELU
+# of nanoGPT's model.py.
+_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu": "gelu_exact"}
 
 
 class LoadError(ValueError):
@@ -78,8 +80,8 @@ def model_config(hf: dict, source: str, **overrides) -> ModelConfig:
     missing = [k for k in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size") if k not in hf]
     if missing:
         raise LoadError(f"{source}: config.json lacks {', '.join(missing)}")
-    checks = {"activation_function": (hf.get("activation_function", "gelu_new"),
-                                      ("gelu_new", "gelu_pytorch_tanh")),  # both tanh-approximate
+    activation = hf.get("activation_function", "gelu_new")
+    checks = {"activation_function": (activation, tuple(_ACTIVATIONS)),
               "n_inner": (hf.get("n_inner"), (None, 4 * hf["n_embd"])),
               "scale_attn_by_inverse_layer_idx": (hf.get("scale_attn_by_inverse_layer_idx", False), (False,)),
               "add_cross_attention": (hf.get("add_cross_attention", False), (False,))}
@@ -93,7 +95,8 @@ def model_config(hf: dict, source: str, **overrides) -> ModelConfig:
         raise LoadError(f"cannot override {', '.join(bad)} of a pretrained model; "
                         f"allowed: {', '.join(ModelConfig.RUNTIME_FIELDS)}")
     return ModelConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                       n_head=hf["n_head"], n_embd=hf["n_embd"], **overrides)
+                       n_head=hf["n_head"], n_embd=hf["n_embd"], mlp=_ACTIVATIONS[activation],
+                       **overrides)
 
 
 def _hf_shape(name: str, shape: tuple[int, ...], cfg: ModelConfig) -> tuple[int, ...]:
@@ -179,7 +182,8 @@ def load(source: str, **overrides) -> GPT:
 
 def _check_exportable(cfg: ModelConfig) -> None:
     gpt2 = {"mlp": "gelu", "norm": "layernorm", "position": "learned"}  # bias=False: zero biases
-    differ = {k: getattr(cfg, k) for k, v in gpt2.items() if getattr(cfg, k) != v}
+    differ = {k: getattr(cfg, k) for k, v in gpt2.items() if getattr(cfg, k) != v
+              and not (k == "mlp" and cfg.mlp == "gelu_exact")}
     if differ:
         raise LoadError("only the GPT-2 architecture exports to Hugging Face format "
                         f"({', '.join(f'{k}={v!r}' for k, v in gpt2.items())}); this model has "
@@ -220,7 +224,8 @@ def hf_config(cfg: ModelConfig) -> dict:
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
             "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd,
             "n_positions": cfg.block_size, "n_ctx": cfg.block_size, "vocab_size": cfg.vocab_size,
-            "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+            "n_inner": None, "activation_function": "gelu" if cfg.mlp == "gelu_exact" else "gelu_new",
+            "layer_norm_epsilon": 1e-5,
             "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
             "initializer_range": 0.02, "scale_attn_weights": True, "tie_word_embeddings": True,
             "bos_token_id": special, "eos_token_id": special, "dtype": "float32"}

@@ -46,14 +46,14 @@ def swiglu_hidden(n_embd: int, bias: bool) -> int:
 class MLP(eqx.Module):
     c_fc: Linear  # gelu: [E, 4E]; swiglu: [E, 2, h] (gate and up in one matmul)
     c_proj: Linear  # [4E or h, E]
-    swiglu: bool = eqx.field(static=True)
+    kind: str = eqx.field(static=True)  # ModelConfig.mlp
     dropout_rate: float = eqx.field(static=True)
 
     def __init__(self, cfg: ModelConfig, *, key: PRNGKeyArray):
         k1, k2 = jax.random.split(key)
         e, dt = cfg.n_embd, cfg.compute_dtype
-        self.swiglu = cfg.mlp == "swiglu"
-        if self.swiglu:
+        self.kind = cfg.mlp
+        if self.kind == "swiglu":
             hidden = swiglu_hidden(e, cfg.bias)
             self.c_fc = Linear((e,), (2, hidden), bias=cfg.bias, std=0.02, dtype=dt,
                                axes=("embed", None, "mlp"), key=k1)
@@ -67,11 +67,11 @@ class MLP(eqx.Module):
 
     def __call__(self, x_TE: Array, *, key: PRNGKeyArray | None = None, inference: bool = False) -> Array:
         h = self.c_fc(x_TE)
-        if self.swiglu:
+        if self.kind == "swiglu":
             h = constrain(h, ("seq", None, "mlp"))
             h = jax.nn.silu(h[:, 0]) * h[:, 1]
-        else:
-            h = jax.nn.gelu(constrain(h, ("seq", "mlp")), approximate=True)  # GPT-2's "gelu_new"
+        else:  # GPT-2's tanh "gelu_new", or nanoGPT's erf GELU
+            h = jax.nn.gelu(constrain(h, ("seq", "mlp")), approximate=self.kind == "gelu")
         return dropout(self.c_proj(h), self.dropout_rate, key, inference)
 
 

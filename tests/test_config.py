@@ -46,7 +46,7 @@ def test_unknown_key_names_the_closest_valid_ones():
 def test_wrong_types_name_the_key():
     with pytest.raises(ConfigError, match=r"model.n_layer='four' must be an integer"):
         config.load(None, ["--n_layer=four"])
-    with pytest.raises(ConfigError, match=r"model.mlp='relu' is not one of 'gelu', 'swiglu'"):
+    with pytest.raises(ConfigError, match=r"model.mlp='relu' is not one of 'gelu', 'gelu_exact', 'swiglu'"):
         config.load(None, ["--mlp=relu"])
     with pytest.raises(ConfigError, match=r"model.bias='maybe' must be a boolean"):
         config.load(None, ["--bias=maybe"])

@@ -1,5 +1,6 @@
 """hf.py against real transformers GPT-2 models: same logits, same greedy text, exact round trips."""
 
+import dataclasses
 import json
 import sys
 
@@ -17,11 +18,12 @@ from nanojaxgpt.model import abstract_model
 
 
 def save_tiny_gpt2(path, *, vocab_size=1000, n_layer=2, n_head=2, n_embd=64, n_positions=64,
-                   seed=0) -> GPT2LMHeadModel:
+                   seed=0, activation="gelu_new") -> GPT2LMHeadModel:
     """A random transformers GPT-2 (biases and norm gains random too) written by save_pretrained."""
     torch.manual_seed(seed)
     config = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions,
                         vocab_size=vocab_size, bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1,
+                        activation_function=activation,
                         attn_implementation="eager")
     model = GPT2LMHeadModel(config).eval()
     with torch.no_grad():
@@ -52,6 +54,21 @@ def test_logits_match_transformers(tiny):
     idx = np.random.RandomState(0).randint(0, 1000, 64)
     ours = np.asarray(jax.jit(lambda m, i: m(i, inference=True))(model, jnp.asarray(idx)))
     np.testing.assert_allclose(ours[:, :1000], _torch_logits(ref, idx), atol=1e-4, rtol=0)
+
+
+def test_the_erf_gelu_of_nanogpt_loads_and_exports_as_transformers_gelu(tmp_path):
+    ref = save_tiny_gpt2(tmp_path / "erf", activation="gelu", n_layer=1)
+    model = hf.load(str(tmp_path / "erf"))
+    assert model.config.mlp == "gelu_exact"
+    idx = np.random.RandomState(1).randint(0, 1000, 32)
+    ours = np.asarray(jax.jit(lambda m, i: m(i, inference=True))(model, jnp.asarray(idx)))
+    np.testing.assert_allclose(ours[:, :1000], _torch_logits(ref, idx), atol=1e-4, rtol=0)
+    tanh = np.asarray(jax.jit(lambda m, i: m(i, inference=True))(
+        hf.from_tensors(dataclasses.replace(model.config, mlp="gelu"), hf.to_tensors(model), "x"),
+        jnp.asarray(idx)))
+    assert np.abs(tanh - ours)[:, :1000].max() > 1e-4  # the two GELUs are told apart
+    hf.save(model, str(tmp_path / "out"))
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["activation_function"] == "gelu"
 
 
 def test_greedy_generation_matches_transformers(tiny):

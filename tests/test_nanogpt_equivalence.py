@@ -37,11 +37,11 @@ CFG = {"model.n_layer": 2, "model.n_head": 4, "model.n_embd": 64, "model.block_s
 RTOL = 1e-5
 
 
-def random_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+def random_gpt2(activation: str, seed: int = 0) -> GPT2LMHeadModel:
     """A transformers GPT-2 with every parameter random (biases and norm gains too, so decaying
     one that should not decay shows)."""
     torch.manual_seed(seed)
-    model = GPT2LMHeadModel(GPT2Config(
+    model = GPT2LMHeadModel(GPT2Config(activation_function=activation,
         n_layer=CFG["model.n_layer"], n_head=CFG["model.n_head"], n_embd=CFG["model.n_embd"],
         n_positions=BLOCK, vocab_size=VOCAB, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1, attn_implementation="eager"))
@@ -122,9 +122,10 @@ def compare(cfg: config.Config, mesh) -> dict[str, float]:
     batches = np.random.default_rng(0).integers(0, VOCAB, (STEPS, ACCUM, BATCH, BLOCK + 1)).astype(np.int32)
     worst: dict[str, float] = {}
     norms = []
+    activation = "gelu" if cfg.model.mlp == "gelu_exact" else "gelu_new"  # transformers' names
     for (loss, norm, ref, grads), (our_loss, our_norm, ours, _) in zip(
-            nanogpt_steps(random_gpt2(), batches, cfg), our_steps(random_gpt2(), batches, cfg, mesh),
-            strict=True):
+            nanogpt_steps(random_gpt2(activation), batches, cfg),
+            our_steps(random_gpt2(activation), batches, cfg, mesh), strict=True):
         norms.append(norm)
         errors = {"loss": relative_error(our_loss, loss), "grad_norm": relative_error(our_norm, norm)}
         ref, ours, grads = split_qkv(ref), split_qkv(ours), split_qkv(grads)
@@ -142,10 +143,13 @@ def compare(cfg: config.Config, mesh) -> dict[str, float]:
 CONFIG = config.load(None, CFG)
 
 
-@pytest.mark.parametrize("mesh", [{"data": 1, "fsdp": 1, "tensor": 1},
-                                  {"data": 1, "fsdp": 4, "tensor": 2}], ids=["1device", "fsdp4xtp2"])
-def test_every_parameter_follows_nanogpt_step_for_step(mesh):
-    cfg = config.replace(CONFIG, {f"mesh.{k}": v for k, v in mesh.items()})
+@pytest.mark.parametrize("mesh,mlp", [
+    ({"data": 1, "fsdp": 1, "tensor": 1}, "gelu"),
+    ({"data": 1, "fsdp": 4, "tensor": 2}, "gelu"),
+    ({"data": 1, "fsdp": 1, "tensor": 1}, "gelu_exact"),  # nanoGPT's model.py: nn.GELU()
+], ids=["1device", "fsdp4xtp2", "1device-erf-gelu"])
+def test_every_parameter_follows_nanogpt_step_for_step(mesh, mlp):
+    cfg = config.replace(CONFIG, {f"mesh.{k}": v for k, v in mesh.items()} | {"model.mlp": mlp})
     n = mesh["data"] * mesh["fsdp"] * mesh["tensor"]
     worst = compare(cfg, sharding.make_mesh(cfg.mesh, devices=jax.devices()[:n]))
     bad = {k: v for k, v in worst.items() if v > RTOL}
