@@ -4,7 +4,7 @@
     for step in range(s0, max_iters):
         state, out = train(state, feed.get(step))   # step's batch was read while earlier steps ran
 
-`make_batch(step)` must be a pure function of the step (data.Batches is): reading ahead never
+`make_batch(step)` must be a pure function of the step (batches.Batches.read is): reading ahead never
 changes which batch a step gets, so a resumed run stays bitwise the same. A read that fails raises
 in `get` of its step, in the training thread. Reads of gs:// data wait on the network; `depth`
 steps of them are in flight at once, each with its own record reads in parallel.

@@ -2,7 +2,7 @@
 back what it wrote to gs:// (TensorBoard curves, checkpoint markers) and which batches it read.
 
 Each child runs the train module as `__main__` through runpy, exactly what `python -m` does,
-after wrapping `nanojaxgpt.data.Batches.read` with a pass-through recorder: every call appends
+after wrapping `nanojaxgpt.batches.Batches.read` with a pass-through recorder: every call appends
 {split, seed, step, rows, crc32 of each row} to reads-<process>.jsonl. The training code and its
 reads are untouched (the real windows are returned); the record lets a test check which rows of
 which step every process read, and that the bytes equal another run's.
@@ -23,9 +23,9 @@ from tests import multiprocess, train_runs
 # evaluation sets use seed + 1 (nanojaxgpt/train.py).
 _CHILD = """
 import json, os, runpy, sys, zlib
-from nanojaxgpt import data
+from nanojaxgpt import batches
 
-_read = data.Batches.read
+_read = batches.Batches.read
 _name = "reads-%s.jsonl" % os.environ.get("JAX_PROCESS_ID", "0")
 _log = open(os.path.join({reads_dir!r}, _name), "a", buffering=1)  # a line per write
 
@@ -36,7 +36,7 @@ def _recorded(self, step, rows):
                            "crc": [zlib.crc32(r.tobytes()) for r in out]}}) + "\\n")
     return out
 
-data.Batches.read = _recorded
+batches.Batches.read = _recorded
 sys.argv = ["nanojaxgpt.train", *{argv!r}]
 runpy.run_module("nanojaxgpt.train", run_name="__main__", alter_sys=True)
 """
